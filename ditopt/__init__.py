@@ -1,0 +1,14 @@
+"""ditopt: a torch.compile backend for training-free acceleration of video diffusion transformers.
+
+    model = torch.compile(model, backend="ditopt")                       # preset "lossless"
+    model = torch.compile(model, backend="ditopt", options={"preset": "balanced"})
+
+The backend is registered through the `torch_dynamo_backends` entry point;
+importing ditopt is not needed to use it.
+"""
+
+from .config import Config, preset_config
+from .runtime import generation, reset, stats
+
+__version__ = "0.1.0"
+__all__ = ["Config", "preset_config", "generation", "reset", "stats", "__version__"]

@@ -1,0 +1,64 @@
+"""The `ditopt` torch.compile backend.
+
+    torch.compile(model, backend="ditopt", options={"preset": "balanced"})
+
+Registered through the `torch_dynamo_backends` entry point (pyproject.toml),
+so it works in an interpreter that never imported ditopt.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch.fx as fx
+
+from .analysis import UnsupportedGraph, analyze
+from .config import Config
+from .export import Exporter
+from .lowering import compile_graph, split_regions
+from .runtime import Runtime, register
+
+
+def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | None = None):
+    """Analyse a Dynamo graph, run the pass pipeline, lower it by regions; returns the runtime callable.
+
+    A graph without DiT structure is lowered unchanged with one warning that names the reason.
+    """
+    from ditopt.passes import run_pipeline
+
+    config = Config.from_options(options, mode)
+    exporter = Exporter(config.export_dir)
+    exporter.graph("dynamo", gm)
+    exporter.write_report(config=config.to_dict())
+    try:
+        structure = analyze(gm)
+    except UnsupportedGraph as why:
+        warnings.warn(f"ditopt: {why}; compiling this graph with plain {config.lowering} and no acceleration",
+                      stacklevel=2)
+        exporter.write_report(structure=None, fallback=str(why))
+        return compile_graph(gm, list(example_inputs), config)
+
+    gm, structure, reports = run_pipeline(gm, structure, config, on_pass=exporter.graph)
+    regions, template = split_regions(gm, structure)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    timestep_slot = placeholders.index(structure.timestep_input) if structure.timestep_input else None
+    policies = _policies(config, structure)
+    runtime = Runtime(structure, regions, template, config, timestep_slot, policies, reports)
+    register(runtime, example_inputs)
+    exporter.lowered(regions)
+    exporter.write_report(
+        structure=structure.to_json(),
+        passes=reports,
+        regions=[{"name": r.name, "kind": r.kind, "block": r.block, "inputs": len(r.inputs),
+                  "outputs": len(r.outputs)} for r in regions],
+    )
+    return runtime
+
+
+def _policies(config: Config, structure):
+    policies = []
+    if config.adacache.enabled:
+        from .adacache import make_policy
+
+        policies.append(make_policy(config.adacache, structure))
+    return policies

@@ -1,0 +1,178 @@
+"""Options of the ditopt backend: dataclasses, presets and validation.
+
+`Config.from_options` is the single entry point from `torch.compile(...,
+options=...)`.  Every key and value is checked; a bad one raises ValueError
+naming what is valid, so a typo never silently turns a method off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+LOWERINGS = ("inductor", "aot_eager", "eager")
+PRESETS = ("lossless", "quality", "balanced", "fast")
+DEFAULT_PRESET = "lossless"
+
+
+@dataclass
+class AdaCacheConfig:
+    """Adaptive block skipping (AdaCache, with optional motion regularisation).
+
+    codebook maps metric thresholds to the number of steps until the next
+    computed step: the first threshold above the metric wins.
+    """
+
+    enabled: bool = False
+    codebook: dict = field(default_factory=lambda: {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.0: 1})
+    policy: str = "adacache"  # "adacache" or "teacache"
+    probe_block: int | None = None  # None: the middle block
+    moreg: bool = False
+    moreg_window: tuple[float, float] = (0.13, 0.87)  # fraction of the steps
+    teacache_threshold: float = 0.1
+    first_steps: int = 2
+    last_steps: int = 2
+
+
+@dataclass
+class AsymRnRConfig:
+    """Asymmetric token reduction inside video self-attention (placeholder for its issue)."""
+
+    enabled: bool = False
+    q_ratio: float = 0.0
+    kv_ratio: float = 0.0
+
+
+@dataclass
+class ToCaConfig:
+    """Token-wise caching of cross-attention and MLP outputs (placeholder for its issue)."""
+
+    enabled: bool = False
+    interval: int = 3
+    ratio: float = 0.1
+
+
+METHOD_SECTIONS: dict[str, type] = {"asymrnr": AsymRnRConfig, "toca": ToCaConfig, "adacache": AdaCacheConfig}
+IMPLEMENTED_METHODS = ("adacache",)
+
+
+@dataclass
+class Config:
+    """Everything the backend needs to know; build it with `Config.from_options`."""
+
+    preset: str = DEFAULT_PRESET
+    asymrnr: AsymRnRConfig = field(default_factory=AsymRnRConfig)
+    toca: ToCaConfig = field(default_factory=ToCaConfig)
+    adacache: AdaCacheConfig = field(default_factory=AdaCacheConfig)
+    lowering: str = "inductor"
+    mode: str | None = None  # passed to Inductor
+    export_dir: Path | None = None
+
+    @property
+    def lossless(self) -> bool:
+        return not any(getattr(self, name).enabled for name in METHOD_SECTIONS)
+
+    @classmethod
+    def from_options(cls, options: "Config | Mapping[str, Any] | None" = None, mode: str | None = None) -> "Config":
+        """Validate torch.compile options (a dict, a Config or None) into a Config."""
+        if isinstance(options, Config):
+            cfg = dataclasses.replace(options)
+        elif options is None:
+            cfg = preset_config(DEFAULT_PRESET)
+        elif isinstance(options, Mapping):
+            cfg = _from_mapping(options)
+        else:
+            raise ValueError(f"ditopt options must be a dict or ditopt.Config, got {type(options).__name__}")
+        if mode is not None:
+            cfg.mode = mode
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        _check_choice("preset", self.preset, PRESETS)
+        _check_choice("lowering", self.lowering, LOWERINGS)
+        for name in METHOD_SECTIONS:
+            section = getattr(self, name)
+            if section.enabled and name not in IMPLEMENTED_METHODS:
+                raise ValueError(
+                    f"ditopt: method {name!r} is not implemented yet; implemented: {list(IMPLEMENTED_METHODS)}"
+                )
+        _validate_adacache(self.adacache)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["export_dir"] = str(self.export_dir) if self.export_dir else None
+        out["adacache"]["codebook"] = {str(k): v for k, v in self.adacache.codebook.items()}
+        return out
+
+
+def preset_config(name: str) -> Config:
+    """The Config a preset expands to (see docs/presets.md for how each was chosen)."""
+    _check_choice("preset", name, PRESETS)
+    cfg = Config(preset=name)
+    if name == "quality":
+        cfg.adacache = AdaCacheConfig(enabled=True, codebook={0.04: 2, 1.0: 1})
+    elif name == "balanced":
+        cfg.adacache = AdaCacheConfig(enabled=True, codebook={0.04: 3, 0.08: 2, 1.0: 1})
+    elif name == "fast":
+        cfg.adacache = AdaCacheConfig(enabled=True, codebook={0.06: 4, 0.10: 3, 0.16: 2, 1.0: 1})
+    return cfg
+
+
+def _from_mapping(options: Mapping[str, Any]) -> Config:
+    valid = ("preset", *METHOD_SECTIONS, "lowering", "mode", "export_dir")
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"ditopt: unknown option(s) {unknown}; valid options: {list(valid)}")
+    preset = options.get("preset", DEFAULT_PRESET)
+    cfg = preset_config(preset)
+    for name, section_type in METHOD_SECTIONS.items():
+        if name in options:
+            setattr(cfg, name, _section(name, section_type, options[name], getattr(cfg, name)))
+    if "lowering" in options:
+        cfg.lowering = options["lowering"]
+    if "mode" in options:
+        cfg.mode = options["mode"]
+    if options.get("export_dir") is not None:
+        cfg.export_dir = Path(options["export_dir"])
+    return cfg
+
+
+def _section(name: str, section_type: type, value: Any, base: Any):
+    if value is False or value is None:
+        return section_type(enabled=False)
+    if value is True:
+        return dataclasses.replace(base, enabled=True)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"ditopt: option {name!r} must be a dict of settings, True or False; got {value!r}")
+    valid = [f.name for f in fields(section_type)]
+    unknown = sorted(set(value) - set(valid))
+    if unknown:
+        raise ValueError(f"ditopt: unknown key(s) {unknown} in {name!r}; valid keys: {valid}")
+    settings = {"enabled": True, **value}
+    return dataclasses.replace(base, **settings)
+
+
+def _validate_adacache(cfg: AdaCacheConfig) -> None:
+    _check_choice("adacache.policy", cfg.policy, ("adacache", "teacache"))
+    if not cfg.codebook:
+        raise ValueError("ditopt: adacache.codebook must map at least one threshold to a rate")
+    for threshold, rate in cfg.codebook.items():
+        if not isinstance(threshold, (int, float)) or threshold < 0:
+            raise ValueError(f"ditopt: adacache.codebook thresholds must be numbers >= 0, got {threshold!r}")
+        if not isinstance(rate, int) or rate < 1:
+            raise ValueError(f"ditopt: adacache.codebook rates must be integers >= 1, got {rate!r} for {threshold}")
+    lo, hi = cfg.moreg_window
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"ditopt: adacache.moreg_window must be two fractions 0 <= lo <= hi <= 1, got {cfg.moreg_window}")
+    if cfg.first_steps < 1 or cfg.last_steps < 0:
+        raise ValueError("ditopt: adacache.first_steps must be >= 1 and last_steps >= 0")
+    if cfg.teacache_threshold <= 0:
+        raise ValueError("ditopt: adacache.teacache_threshold must be > 0")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"ditopt: {name}={value!r} is not valid; choose one of {list(choices)}")

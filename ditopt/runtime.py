@@ -1,0 +1,235 @@
+"""Runtime of a ditopt-compiled graph: the step clock, streams, generations, region calls.
+
+All state that lives across denoising steps lives here, in plain Python and
+tensors held by this object, never in attributes Dynamo guards on: a
+sampling loop never recompiles.
+
+Step clock: the timestep input is read once per call.  A new generation of a
+stream starts when its timestep does not decrease.  Several calls at one
+timestep (separate cond and uncond passes) are separate streams, each with
+its own caches and decisions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .analysis import DiTStructure
+from .config import Config
+from .lowering import Region, VariantCache, fill_template
+
+
+@dataclass
+class GenerationStats:
+    stream: int
+    generation: int
+    steps: int = 0
+    blocks_computed: int = 0
+    blocks_skipped: int = 0
+    method: dict = field(default_factory=dict)  # per-method counters and decisions
+
+    def to_dict(self) -> dict:
+        return {
+            "stream": self.stream, "generation": self.generation, "steps": self.steps,
+            "blocks_computed": self.blocks_computed, "blocks_skipped": self.blocks_skipped, **self.method,
+        }
+
+
+@dataclass
+class StreamState:
+    """One stream of calls: its clock position and the method state that belongs to it."""
+
+    index: int
+    generation: int = -1
+    step: int = -1  # index of the current call within its generation
+    last_t: float | None = None
+    timesteps: list[float] = field(default_factory=list)
+    state: dict = field(default_factory=dict)  # method name -> that method's state for this stream
+    stats: GenerationStats | None = None
+
+
+class StepClock:
+    """Assigns each call to a stream and a step; starts generations."""
+
+    def __init__(self):
+        self.streams: dict[int, StreamState] = {}
+        self._prev_t: float | None = None
+        self._call_index = 0
+        self.finished: list[GenerationStats] = []
+
+    def observe(self, t: float | None) -> StreamState:
+        if t is not None and t == self._prev_t:
+            self._call_index += 1
+        else:
+            self._call_index = 0
+        self._prev_t = t
+        stream = self.streams.setdefault(self._call_index, StreamState(self._call_index))
+        if stream.stats is None or (t is not None and stream.last_t is not None and t >= stream.last_t):
+            self._new_generation(stream)
+        stream.step += 1
+        stream.last_t = t if t is not None else stream.last_t
+        if t is not None:
+            stream.timesteps.append(t)
+        stream.stats.steps += 1
+        return stream
+
+    def _new_generation(self, stream: StreamState) -> None:
+        if stream.stats is not None:
+            self.finished.append(stream.stats)
+        stream.generation += 1
+        stream.step = -1
+        stream.timesteps = []
+        stream.state = {}
+        stream.stats = GenerationStats(stream.index, stream.generation)
+
+    def reset(self) -> None:
+        """End every stream's generation: the next call of each starts a fresh one."""
+        for s in self.streams.values():
+            if s.stats is not None:
+                self.finished.append(s.stats)
+        self.streams = {}
+        self._prev_t = None
+        self._call_index = 0
+
+    def all_stats(self) -> list[GenerationStats]:
+        return self.finished + [s.stats for s in self.streams.values() if s.stats is not None]
+
+
+class BlockPolicy(Protocol):
+    """What a method plugs into the runtime: a per-call hook and a per-block-region hook."""
+
+    name: str
+
+    def begin_call(self, runtime: "Runtime", stream: StreamState) -> None: ...
+
+    def run_block(self, runtime: "Runtime", region: Region, inputs: list, stream: StreamState) -> list | None:
+        """Return the region's outputs to replace its computation, or None to compute it."""
+
+
+class Runtime:
+    """The callable the backend hands to Dynamo for one graph."""
+
+    def __init__(self, structure: DiTStructure, regions: list[Region], template: Any, config: Config,
+                 timestep_slot: int | None, policies: list[BlockPolicy], report: dict):
+        self.structure = structure
+        self.regions = regions
+        self.template = template
+        self.config = config
+        self.timestep_slot = timestep_slot
+        self.policies = policies
+        self.report = report
+        self.clock = StepClock()
+        self.variants = VariantCache(config)
+        self.num_slots = max((s for r in regions for s in r.output_slots), default=0) + 1
+        self._fns: dict[tuple[int, str], Callable] = {}
+        self.params: dict[int, weakref.ref] = {}  # id -> weak reference, to recognise the model
+        self.calls = 0
+
+    # -- execution -----------------------------------------------------------
+
+    def __call__(self, *args):
+        self.calls += 1
+        t = float(args[self.timestep_slot].reshape(-1)[0]) if self.timestep_slot is not None else None
+        stream = self.clock.observe(t)
+        for policy in self.policies:
+            policy.begin_call(self, stream)
+        values: list[Any] = list(args) + [None] * max(0, self.num_slots - len(args))
+        for region in self.regions:
+            inputs = [values[s] for s in region.input_slots]
+            outputs = None
+            if region.kind == "block":
+                for policy in self.policies:
+                    outputs = policy.run_block(self, region, inputs, stream)
+                    if outputs is not None:
+                        stream.stats.blocks_skipped += 1
+                        break
+                if outputs is None:
+                    stream.stats.blocks_computed += 1
+            if outputs is None:
+                outputs = self.run_region(region, inputs)
+            for s, v in zip(region.output_slots, outputs):
+                values[s] = v
+            for s in region.free_after:
+                values[s] = None
+        return fill_template(self.template, values)
+
+    def run_region(self, region: Region, inputs: list, variant: str = "full", gm=None) -> list:
+        """Run a region's compiled variant (compiled on first use, shared between identical regions)."""
+        key = (region.index, variant)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = self.variants.get(region, variant, gm if gm is not None else region.gm, inputs)
+        return fn(*inputs)
+
+    # -- inspection ----------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "calls": self.calls,
+            "blocks": len(self.structure.blocks),
+            "regions": len(self.regions),
+            "compiled_variants": len(self.variants.variants),
+            "compile_seconds": round(self.variants.compile_seconds, 3),
+            "generations": [g.to_dict() for g in self.clock.all_stats()],
+        }
+
+    def reset(self) -> None:
+        self.clock.reset()
+
+
+# ---------------------------------------------------------------------------
+# finding the runtimes of a model
+
+_RUNTIMES: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
+
+
+def register(runtime: Runtime, example_inputs) -> None:
+    for x in example_inputs:
+        if isinstance(x, torch.nn.Parameter):
+            runtime.params[id(x)] = weakref.ref(x)
+    _RUNTIMES.add(runtime)
+
+
+def runtimes_of(model: torch.nn.Module) -> list[Runtime]:
+    """The runtimes ditopt built for a model (or its torch.compile wrapper), oldest first."""
+    model = getattr(model, "_orig_mod", model)
+    params = list(model.parameters())
+    found = [r for r in list(_RUNTIMES) if any(_holds(r, p) for p in params)]
+    return sorted(found, key=id)
+
+
+def _holds(runtime: Runtime, param: torch.Tensor) -> bool:
+    ref = runtime.params.get(id(param))
+    return ref is not None and ref() is param
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Forget all cross-step state of a model: the next call starts a new generation in every stream."""
+    for r in runtimes_of(model):
+        r.reset()
+
+
+def stats(model: torch.nn.Module) -> dict:
+    """What ditopt did for a model: per compiled graph, its regions and variants, and per generation
+    the steps seen and, per method, what was skipped, reduced or reused."""
+    graphs = [r.stats() for r in runtimes_of(model)]
+    return {
+        "graphs": graphs,
+        "generations": [g for r in graphs for g in r["generations"]],
+        "compiled_variants": sum(g["compiled_variants"] for g in graphs),
+    }
+
+
+@contextlib.contextmanager
+def generation(model: torch.nn.Module):
+    """Run one generation explicitly: state is reset on entry and on exit."""
+    reset(model)
+    try:
+        yield
+    finally:
+        reset(model)
