@@ -295,24 +295,33 @@ def _find_blocks(graph: fx.Graph) -> list[tuple[str, str, list[fx.Node]]]:
 # sites inside a block
 
 
-def _walk_forward_to_residual(start: fx.Node, block_nodes: set) -> tuple[str | None, str | None]:
-    """From a site's output, follow passthrough ops and one gate multiply to the residual add."""
+def _is_scalar_op(node: fx.Node, targets) -> bool:
+    """A multiply or divide by a Python number (e.g. diffusers' rescale_output_factor)."""
+    return _matches(node, targets) and any(isinstance(a, (int, float)) for a in node.args)
+
+
+def _walk_forward_to_residual(start: fx.Node, block_nodes: set, prefer_len: int | None = None) -> tuple[str | None, str | None]:
+    """From a site's output, follow pass-through ops and one gate multiply to the residual add.
+
+    Where the output is split (joint attention splits text from video), follow the part
+    whose sequence length is `prefer_len`.
+    """
     node, gate = start, None
     for _ in range(16):
-        users = [u for u in node.users if u in block_nodes or u.op == "output"]
-        if len(users) != 1:
-            # A gate can be applied to a slice of the output (joint attention): follow the
-            # only user that leads on, ignoring shape bookkeeping.
-            users = [u for u in users if u.op != "output"]
-            if not users:
-                return gate, None
+        users = [u for u in node.users if u in block_nodes]
+        if not users:
+            return gate, None
+        if len(users) > 1 and prefer_len is not None:
+            users = [u for u in users if (shape(u) or (None,))[1:2] == (prefer_len,)] or users
         user = users[0]
         if _matches(user, ADD_TARGETS):
             return gate, user.name
-        if _matches(user, MUL_TARGETS) and gate is None:
+        if _is_scalar_op(user, MUL_TARGETS | {operator.truediv, "div"}):
+            pass
+        elif _matches(user, MUL_TARGETS) and gate is None:
             other = [a for a in user.all_input_nodes if a is not node]
             gate = other[0].name if other else None
-        elif not _matches(user, PASSTHROUGH):
+        elif not _matches(user, PASSTHROUGH | {"split", "chunk", torch.split, torch.chunk}):
             return gate, None
         node = user
     return gate, None
@@ -375,7 +384,8 @@ def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> Att
     elif q_len > n_v and kv_len == q_len:
         kind, span = "joint", _find_seq_cat(q, q_len, n_v, block_nodes)
     out = _first_linear_after(node, block_nodes)
-    gate, residual = _walk_forward_to_residual(out, block_nodes) if out is not None else (None, None)
+    gate, residual = (_walk_forward_to_residual(out, block_nodes, span[1] if span else None)
+                      if out is not None else (None, None))
     return AttentionSite(
         name=module_path(node) or node.name, kind=kind, axis=axis, sdpa=node.name, q_len=q_len, kv_len=kv_len,
         heads=heads, head_dim=head_dim, video_span=span, output=out.name if out is not None else None,
@@ -443,6 +453,10 @@ def analyze(gm: fx.GraphModule) -> DiTStructure:
         mlps = _mlp_sites(nodes, {a.output for a in attention if a.output}, att_modules)
         blocks.append(Block(len(blocks), path, type_name, nodes[0].name, nodes[-1].name, len(nodes), attention, mlps))
     blocks, excluded = _drop_partial_blocks(blocks)
+    video_blocks = [b for b in blocks if any(a.kind != "other" for a in b.attention)]
+    excluded += [{"path": b.path, "reason": "attends over no video tokens (a text refiner?)"}
+                 for b in blocks if b not in video_blocks]
+    blocks = video_blocks
     if not blocks:
         raise UnsupportedGraph("no complete transformer block is in this graph (graph breaks cut them)")
     for i, b in enumerate(blocks):
@@ -460,7 +474,8 @@ def _drop_partial_blocks(blocks: list[Block]) -> tuple[list[Block], list[dict]]:
         counts = by_type[b.module_type]
         common, n = counts.most_common(1)[0]
         if n > 1 and (b.signature, b.num_nodes) != common and counts[(b.signature, b.num_nodes)] == 1:
-            excluded.append({"path": b.path, "reason": "differs from its sibling blocks (cut by a graph break?)"})
+            excluded.append({"path": b.path, "reason": f"differs from its {n} sibling blocks of the same type "
+                             "(the last block of a stack, or cut by a graph break)"})
         else:
             kept.append(b)
     return kept, excluded

@@ -33,8 +33,7 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
     try:
         structure = analyze(gm)
     except UnsupportedGraph as why:
-        warnings.warn(f"ditopt: {why}; compiling this graph with plain {config.lowering} and no acceleration",
-                      stacklevel=2)
+        _warn_once(f"ditopt: {why}; compiling this graph with plain {config.lowering} and no acceleration")
         exporter.write_report(structure=None, fallback=str(why))
         return compile_graph(gm, list(example_inputs), config)
 
@@ -53,6 +52,16 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
                   "outputs": len(r.outputs)} for r in regions],
     )
     return runtime
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per reason per process: a model that breaks into many graphs warns once."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _policies(config: Config, structure):
