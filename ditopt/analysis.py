@@ -363,6 +363,29 @@ def _find_seq_cat(q: fx.Node, seq_len: int, video_tokens: int, block_nodes: set)
     return None
 
 
+def _transposes_tokens_before(q: fx.Node, block_nodes: set) -> bool:
+    """Whether the input of Q's projection was transposed inside the block (frames moved next to batch)."""
+    node = q
+    for _ in range(16):  # back to the projection (past head split, norms, RoPE)
+        if not isinstance(node, fx.Node) or node not in block_nodes:
+            return False
+        if _matches(node, LINEAR_TARGETS):
+            break
+        node = node.args[0] if node.args else None
+    else:
+        return False
+    node = node.args[0]
+    for _ in range(12):
+        if not isinstance(node, fx.Node) or node not in block_nodes:
+            return False
+        if _matches(node, {"transpose", "permute", torch.transpose, torch.permute}):
+            return True
+        if not _matches(node, PASSTHROUGH):
+            return False
+        node = node.args[0]
+    return False
+
+
 def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> AttentionSite:
     args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value")[len(node.args):]]
     q, k = args[0], args[1]
@@ -375,11 +398,16 @@ def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> Att
     frames = grid[0] if grid else 1
     spatial = grid[1] * grid[2] if grid else None
     kind, axis, span = "other", "full", None
+    is_spatial = grid and frames > 1 and q_len == spatial and batch == layout.batch * frames
+    is_temporal = grid and frames > 1 and q_len == frames and batch == layout.batch * spatial
+    if is_spatial and is_temporal:  # F == H*W: shapes cannot tell; temporal attention transposes tokens
+        is_spatial = not _transposes_tokens_before(q, block_nodes)
+        is_temporal = not is_spatial
     if q_len == n_v:
         kind, span = ("self" if kv_len == q_len else "cross"), (0, n_v)
-    elif grid and frames > 1 and q_len == spatial and batch == layout.batch * frames:
+    elif is_spatial:
         kind, axis, span = ("self" if kv_len == q_len else "cross"), "spatial", (0, q_len)
-    elif grid and frames > 1 and q_len == frames and batch == layout.batch * spatial:
+    elif is_temporal:
         kind, axis, span = "self", "temporal", (0, q_len)
     elif q_len > n_v and kv_len == q_len:
         kind, span = "joint", _find_seq_cat(q, q_len, n_v, block_nodes)

@@ -27,16 +27,18 @@ class Exporter:
         if self.dir is not None:
             (self.dir / f"{next(self._step):02d}_{stage}.py").write_text(gm.code)
 
-    def lowered(self, regions, runtime=None) -> None:
+    def lowered(self, regions) -> None:
         if self.dir is None:
             return
-        lines = ["# Regions in execution order. Regions with equal code share one compiled variant.", ""]
-        seen: dict[str, str] = {}
+        from .lowering import graph_key
+
+        lines = ["# Regions in execution order. Regions that compute the same thing share one compiled variant.", ""]
+        seen: dict[tuple, str] = {}
         for r in regions:
             code = r.gm.code
-            first = seen.setdefault(code, r.name)
+            first = seen.setdefault(graph_key(r.gm), r.name)
             lines.append(f"# {r.name}: reads {len(r.inputs)} values, defines {len(r.outputs)}"
-                         + (f"; same code as {first}" if first != r.name else ""))
+                         + (f"; same computation as {first}" if first != r.name else ""))
             if first == r.name:
                 lines.append(f"class {r.name}:")
                 lines.extend("    " + line for line in code.strip("\n").splitlines())

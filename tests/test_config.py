@@ -1,0 +1,58 @@
+import pytest
+
+from ditopt import Config, preset_config
+from ditopt.config import LOWERINGS, PRESETS
+
+
+def test_defaults_are_lossless():
+    cfg = Config.from_options(None)
+    assert cfg.preset == "lossless" and cfg.lossless and cfg.lowering == "inductor"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_expands_and_validates(preset):
+    cfg = Config.from_options({"preset": preset})
+    assert cfg.preset == preset
+    assert cfg.lossless == (preset == "lossless")
+
+
+def test_unknown_option_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['presett'\].*'preset'"):
+        Config.from_options({"presett": "fast"})
+
+
+def test_bad_preset_and_lowering_list_choices():
+    with pytest.raises(ValueError, match="choose one of.*'balanced'"):
+        Config.from_options({"preset": "turbo"})
+    with pytest.raises(ValueError, match=f"choose one of.*{LOWERINGS[0]}"):
+        Config.from_options({"lowering": "tvm"})
+
+
+def test_unknown_method_key_lists_valid_keys():
+    with pytest.raises(ValueError, match="unknown key.*'ratio_q'.*valid keys.*'codebook'"):
+        Config.from_options({"adacache": {"ratio_q": 1}})
+
+
+def test_method_section_false_turns_method_off():
+    cfg = Config.from_options({"preset": "fast", "adacache": False})
+    assert not cfg.adacache.enabled and cfg.lossless
+
+
+def test_unimplemented_method_is_refused_clearly():
+    with pytest.raises(ValueError, match="not implemented yet"):
+        Config.from_options({"toca": {"interval": 3, "ratio": 0.1}})
+
+
+def test_codebook_values_are_checked():
+    with pytest.raises(ValueError, match="rates must be integers >= 1"):
+        Config.from_options({"adacache": {"codebook": {0.1: 0}}})
+
+
+def test_config_object_and_mode_pass_through():
+    cfg = Config.from_options(preset_config("quality"), mode="max-autotune")
+    assert cfg.preset == "quality" and cfg.mode == "max-autotune" and cfg.adacache.enabled
+
+
+def test_options_of_wrong_type():
+    with pytest.raises(ValueError, match="must be a dict or ditopt.Config"):
+        Config.from_options(["preset", "fast"])
