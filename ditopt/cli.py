@@ -36,6 +36,41 @@ def _inspect(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from . import bench, models
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "fixture":
+        from . import fixture
+
+        model = fixture.load_fixture()
+        prompts = list(fixture.PROMPTS[: args.batch])
+
+        def generate(fn):
+            return fixture.sample(fn, prompts, seed=args.seed, steps=args.steps)
+
+        title = f"fixture (WanTransformer3DModel), {args.steps} steps, batch {len(prompts)} with CFG"
+    else:
+        case = models.build(args.model, args.size)
+        model = case.model
+        inputs = case.inputs(args.batch, args.seed)
+        latent = "x" if args.model == "stdit" else "hidden_states"
+        generate = bench.euler_loop(inputs, args.steps, latent, models.call)
+        title = f"{args.model} ({args.size}), {args.steps} steps, batch {args.batch}"
+    with torch.no_grad():
+        results = bench.measure(model, generate, args.configs, repeats=args.repeats, flops=not args.no_flops)
+    print(bench.to_markdown(results, title))
+    if args.out:
+        bench.write(results, Path(args.out), title)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import FAMILIES, SIZES
 
@@ -46,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--json", action="store_true", help="print the full structure as JSON")
     p.set_defaults(func=_inspect)
+    b = sub.add_parser("bench", help="time, FLOPs and fidelity of configurations side by side")
+    b.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))
+    b.add_argument("--size", choices=SIZES, default="tiny")
+    b.add_argument("--configs", nargs="+", default=["inductor", "lossless", "quality", "balanced", "fast"])
+    b.add_argument("--steps", type=int, default=30)
+    b.add_argument("--batch", type=int, default=2)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--repeats", type=int, default=2)
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    b.add_argument("--no-flops", action="store_true", help="skip the FLOP count (an extra eager run per config)")
+    b.add_argument("--out", help="folder for bench.json and bench.md")
+    b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,186 @@
+"""Side-by-side measurements of compiled configurations on one model, in one process.
+
+For every configuration: wall time of a whole sampling loop after warm-up
+(ratio against full-compute Inductor), compile time (first loop minus a
+steady one), FLOPs per generation (FlopCounterMode over an eagerly lowered
+run, which makes the same decisions), fidelity (PSNR of the final sample
+against full compute), peak memory where the device reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+PRESET_CONFIGS = ("lossless", "quality", "balanced", "fast")
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """On the CPU, SDPA runs as an op that torch's FLOP registry has no formula for (counts as 0)."""
+    from torch.utils.flop_counter import flop_registry
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa_flops()
+
+
+@dataclass
+class Result:
+    config: str
+    seconds_per_generation: float
+    speedup_vs_inductor: float | None
+    compile_seconds: float
+    gflops_per_generation: float | None
+    flop_ratio: float | None
+    psnr_db: float | None
+    blocks_skipped_fraction: float | None
+    peak_memory_mb: float | None
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
+    mse = torch.mean((a.double() - b.double()) ** 2).item()
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def compile_config(model: torch.nn.Module, name: str, lowering: str = "inductor"):
+    """The callable a configuration name stands for: 'eager', 'inductor', a ditopt preset, or 'ditopt:<json>'."""
+    if name == "eager":
+        return model
+    if name == "inductor":
+        return model if lowering == "eager" else torch.compile(model, backend="inductor")
+    if name in PRESET_CONFIGS:
+        options = {"preset": name, "lowering": lowering}
+    elif name.startswith("ditopt:"):
+        options = {**json.loads(name[len("ditopt:"):]), "lowering": lowering}
+    else:
+        raise ValueError(f"unknown configuration {name!r}: use eager, inductor, {', '.join(PRESET_CONFIGS)} "
+                         "or ditopt:<options as JSON>")
+    return torch.compile(model, backend="ditopt", options=options)
+
+
+def measure(
+    model: torch.nn.Module,
+    generate: Callable[[Callable], torch.Tensor],
+    configs: list[str],
+    repeats: int = 2,
+    flops: bool = True,
+) -> list[Result]:
+    """Run `generate(fn)` (one whole sampling loop that calls fn) for each configuration and compare.
+
+    The first configuration that is "inductor" is the reference for speed; full compute
+    ("eager" or "inductor") is the reference for fidelity and FLOPs.
+    """
+    import ditopt
+
+    reference_out, reference_flops, baseline_time = None, None, None
+    results, raw = [], []
+    for name in configs:
+        torch._dynamo.reset()
+        ditopt.reset(model)
+        fn = compile_config(model, name)
+        start = time.perf_counter()
+        out = generate(fn)
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            ditopt.reset(model)
+            start = time.perf_counter()
+            out = generate(fn)
+            times.append(time.perf_counter() - start)
+        steady = min(times)
+        if name == "inductor" and baseline_time is None:
+            baseline_time = steady
+        if name in ("eager", "inductor") and reference_out is None:
+            reference_out = out
+        skipped = _skipped_fraction(model) if name not in ("eager", "inductor") else 0.0
+        gflops = None
+        if flops:
+            torch._dynamo.reset()
+            ditopt.reset(model)
+            counter = FlopCounterMode(display=False)
+            with counter, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # FlopCounterMode's module hooks make torch.compile warn
+                generate(compile_config(model, name, lowering="eager"))
+            gflops = counter.get_total_flops() / 1e9
+            if name in ("eager", "inductor") and reference_flops is None:
+                reference_flops = gflops
+        results.append(Result(
+            config=name,
+            seconds_per_generation=round(steady, 4),
+            speedup_vs_inductor=None,
+            compile_seconds=round(max(0.0, first - steady), 2),
+            gflops_per_generation=round(gflops, 3) if gflops is not None else None,
+            flop_ratio=None,
+            psnr_db=None if reference_out is None else round(psnr(out, reference_out), 2),
+            blocks_skipped_fraction=round(skipped, 4),
+            peak_memory_mb=_peak_memory_mb(),
+        ))
+        raw.append((steady, gflops))
+    for r, (steady, gflops) in zip(results, raw):
+        if baseline_time:
+            r.speedup_vs_inductor = round(baseline_time / steady, 3)
+        if reference_flops and gflops is not None:
+            r.flop_ratio = round(gflops / reference_flops, 4)
+    return results
+
+
+def _skipped_fraction(model) -> float:
+    import ditopt
+
+    gens = ditopt.stats(model)["generations"]
+    computed = sum(g["blocks_computed"] for g in gens)
+    skipped = sum(g["blocks_skipped"] for g in gens)
+    return skipped / (computed + skipped) if computed + skipped else 0.0
+
+
+def _peak_memory_mb() -> float | None:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return None
+
+
+def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) -> Callable[[Callable], torch.Tensor]:
+    """A plain Euler sampling loop over a zoo model (random weights: for timing and FLOPs, not quality)."""
+
+    def generate(fn):
+        x = model_inputs[latent_key].clone()
+        batch = x.shape[0]
+        with torch.no_grad():
+            for t in torch.linspace(999, 0, steps):
+                inputs = {**model_inputs, latent_key: x, "timestep": t.expand(batch).clone()}
+                out = call(fn, inputs)
+                x = x - (1.0 / steps) * out[:, : x.shape[1]].reshape(x.shape)
+        return x
+
+    return generate
+
+
+def to_markdown(results: list[Result], title: str) -> str:
+    cols = ["config", "seconds_per_generation", "speedup_vs_inductor", "compile_seconds", "gflops_per_generation",
+            "flop_ratio", "psnr_db", "blocks_skipped_fraction"]
+    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        row = asdict(r)
+        lines.append("| " + " | ".join("" if row[c] is None else str(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write(results: list[Result], out_dir: Path, title: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    (out_dir / "bench.md").write_text(to_markdown(results, title) + "\n")
