@@ -37,6 +37,7 @@ class AttentionSite:
     output: str | None  # the out-projection's node, before any gate
     gate: str | None  # the node multiplied onto the output before the residual add
     residual_add: str | None
+    branch: str | None = None  # the operand the site contributes to the residual add (gated output)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class MLPSite:
     hidden: int
     gate: str | None
     residual_add: str | None
+    branch: str | None = None
 
 
 @dataclass
@@ -75,12 +77,24 @@ class TokenLayout:
 
 
 @dataclass
+class SkipSpan:
+    """Adjacent blocks that can be skipped together: each value the span hands on is a residual
+    update of one of its inputs, `streams` = [(input node, output node)]."""
+
+    id: int
+    blocks: list[int]
+    streams: list[tuple[str, str]]
+
+
+@dataclass
 class DiTStructure:
     blocks: list[Block]
     layout: TokenLayout
     latent_input: str
     timestep_input: str | None
     excluded_blocks: list[dict] = field(default_factory=list)  # blocks found but left unchanged, with why
+    skip_spans: list[SkipSpan] = field(default_factory=list)  # filled by the adacache pass
+    probes: dict[str, str] = field(default_factory=dict)  # probe name -> node name, read by runtime policies
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -300,8 +314,11 @@ def _is_scalar_op(node: fx.Node, targets) -> bool:
     return _matches(node, targets) and any(isinstance(a, (int, float)) for a in node.args)
 
 
-def _walk_forward_to_residual(start: fx.Node, block_nodes: set, prefer_len: int | None = None) -> tuple[str | None, str | None]:
+def _walk_forward_to_residual(start: fx.Node, block_nodes: set, prefer_len: int | None = None):
     """From a site's output, follow pass-through ops and one gate multiply to the residual add.
+
+    Returns (gate, residual add, branch): node names of the gate, the add, and the add's
+    operand that carries the site's contribution.
 
     Where the output is split (joint attention splits text from video), follow the part
     whose sequence length is `prefer_len`.
@@ -310,21 +327,21 @@ def _walk_forward_to_residual(start: fx.Node, block_nodes: set, prefer_len: int 
     for _ in range(16):
         users = [u for u in node.users if u in block_nodes]
         if not users:
-            return gate, None
+            return gate, None, None
         if len(users) > 1 and prefer_len is not None:
             users = [u for u in users if (shape(u) or (None,))[1:2] == (prefer_len,)] or users
         user = users[0]
         if _matches(user, ADD_TARGETS):
-            return gate, user.name
+            return gate, user.name, node.name
         if _is_scalar_op(user, MUL_TARGETS | {operator.truediv, "div"}):
             pass
         elif _matches(user, MUL_TARGETS) and gate is None:
             other = [a for a in user.all_input_nodes if a is not node]
             gate = other[0].name if other else None
         elif not _matches(user, PASSTHROUGH | {"split", "chunk", torch.split, torch.chunk}):
-            return gate, None
+            return gate, None, None
         node = user
-    return gate, None
+    return gate, None, None
 
 
 def _first_linear_after(node: fx.Node, block_nodes: set) -> fx.Node | None:
@@ -412,12 +429,12 @@ def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> Att
     elif q_len > n_v and kv_len == q_len:
         kind, span = "joint", _find_seq_cat(q, q_len, n_v, block_nodes)
     out = _first_linear_after(node, block_nodes)
-    gate, residual = (_walk_forward_to_residual(out, block_nodes, span[1] if span else None)
-                      if out is not None else (None, None))
+    gate, residual, branch = (_walk_forward_to_residual(out, block_nodes, span[1] if span else None)
+                              if out is not None else (None, None, None))
     return AttentionSite(
         name=module_path(node) or node.name, kind=kind, axis=axis, sdpa=node.name, q_len=q_len, kv_len=kv_len,
         heads=heads, head_dim=head_dim, video_span=span, output=out.name if out is not None else None,
-        gate=gate, residual_add=residual,
+        gate=gate, residual_add=residual, branch=branch,
     )
 
 
@@ -439,9 +456,10 @@ def _mlp_sites(block_nodes: list[fx.Node], attention_outputs: set, attention_mod
             if _matches(node, LINEAR_TARGETS):
                 up_in = shape(node.args[0])
                 if saw_activation and up_in and up_in[-1] == out_features and shape(node)[-1] >= out_features:
-                    gate, residual = _walk_forward_to_residual(down, node_set)
+                    gate, residual, branch = _walk_forward_to_residual(down, node_set)
                     common = _common_prefix(module_path(node) or "", path)
-                    sites.append(MLPSite(common or path, node.args[0].name, down.name, int(shape(node)[-1]), gate, residual))
+                    sites.append(MLPSite(common or path, node.args[0].name, down.name, int(shape(node)[-1]), gate,
+                                         residual, branch))
                 break
             if _matches(node, ACTIVATIONS) or _matches(node, MUL_TARGETS):
                 saw_activation = True

@@ -15,7 +15,7 @@ import torch.fx as fx
 from .analysis import UnsupportedGraph, analyze
 from .config import Config
 from .export import Exporter
-from .lowering import compile_graph, split_regions
+from .lowering import compile_graph, consume_guards, plan_spans, split_regions
 from .runtime import Runtime, register
 
 
@@ -38,11 +38,13 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
         return compile_graph(gm, list(example_inputs), config)
 
     gm, structure, reports = run_pipeline(gm, structure, config, on_pass=exporter.graph)
-    regions, template = split_regions(gm, structure)
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    timestep_slot = placeholders.index(structure.timestep_input) if structure.timestep_input else None
-    policies = _policies(config, structure)
-    runtime = Runtime(structure, regions, template, config, timestep_slot, policies, reports)
+    guarded = consume_guards(gm)
+    regions, template, slot = split_regions(gm, structure)
+    spans = plan_spans(structure, regions, slot, guarded)
+    timestep_slot = slot[structure.timestep_input] if structure.timestep_input else None
+    probe_slots = {name: slot[node] for name, node in structure.probes.items()}
+    policies = _policies(config, structure, reports)
+    runtime = Runtime(structure, regions, template, config, timestep_slot, spans, probe_slots, policies, reports)
     register(runtime, example_inputs)
     exporter.lowered(regions)
     exporter.write_report(
@@ -64,10 +66,15 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _policies(config: Config, structure):
+def _policies(config: Config, structure, reports: dict) -> list:
     policies = []
     if config.adacache.enabled:
         from .adacache import make_policy
 
-        policies.append(make_policy(config.adacache, structure))
+        policy = make_policy(config.adacache, structure)
+        if policy is not None:
+            policies.append(policy)
+        else:
+            _warn_once(f"ditopt: adacache is on but {reports['adacache'].get('probe_missing', 'nothing can be skipped')};"
+                       " blocks are always computed")
     return policies

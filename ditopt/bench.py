@@ -164,7 +164,10 @@ def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) 
             for t in torch.linspace(999, 0, steps):
                 inputs = {**model_inputs, latent_key: x, "timestep": t.expand(batch).clone()}
                 out = call(fn, inputs)
-                x = x - (1.0 / steps) * out[:, : x.shape[1]].reshape(x.shape)
+                for dim, (a, b) in enumerate(zip(out.shape, x.shape)):
+                    if a != b:  # learned-sigma models predict extra channels: keep the first ones
+                        out = out.narrow(dim, 0, b)
+                x = x - (1.0 / steps) * out
         return x
 
     return generate

@@ -71,6 +71,31 @@ def _bench(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    import torch
+
+    from . import adacache, bench, models
+
+    if args.model == "fixture":
+        from . import fixture
+
+        model = fixture.load_fixture()
+        prompts = list(fixture.PROMPTS[: args.batch])
+
+        def generate(fn):
+            return fixture.sample(fn, prompts, seed=args.seed, steps=args.steps)
+    else:
+        case = models.build(args.model, args.size)
+        model = case.model
+        latent = "x" if args.model == "stdit" else "hidden_states"
+        generate = bench.euler_loop(case.inputs(args.batch, args.seed), args.steps, latent, models.call)
+    result = adacache.calibrate(model, generate, args.target)
+    codebook = {("inf" if k == float("inf") else k): v for k, v in result["codebook"].items()}
+    print(json.dumps({"codebook": codebook, "predicted_speedup": result["predicted_speedup"],
+                      "metrics": [round(m, 5) for m in result["metrics"]]}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import FAMILIES, SIZES
 
@@ -93,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-flops", action="store_true", help="skip the FLOP count (an extra eager run per config)")
     b.add_argument("--out", help="folder for bench.json and bench.md")
     b.set_defaults(func=_bench)
+    c = sub.add_parser("calibrate", help="an AdaCache codebook for a target speed-up, from full-compute runs")
+    c.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))
+    c.add_argument("--size", choices=SIZES, default="tiny")
+    c.add_argument("--target", type=float, default=2.0, help="target speed-up (fraction of steps computed ~ 1/target)")
+    c.add_argument("--steps", type=int, default=30)
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_calibrate)
     args = parser.parse_args(argv)
     return args.func(args)
 

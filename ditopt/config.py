@@ -22,18 +22,18 @@ class AdaCacheConfig:
     """Adaptive block skipping (AdaCache, with optional motion regularisation).
 
     codebook maps metric thresholds to the number of steps until the next
-    computed step: the first threshold above the metric wins.
+    computed step: in ascending order, the first threshold above the metric
+    wins; above all of them, the last rate applies.
     """
 
     enabled: bool = False
     codebook: dict = field(default_factory=lambda: {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.0: 1})
-    policy: str = "adacache"  # "adacache" or "teacache"
-    probe_block: int | None = None  # None: the middle block
+    probe_block: int | None = None  # None: the middle (temporal, if any) block
     moreg: bool = False
     moreg_window: tuple[float, float] = (0.13, 0.87)  # fraction of the steps
-    teacache_threshold: float = 0.1
     first_steps: int = 2
     last_steps: int = 2
+    num_steps: int | None = None  # steps per generation, if known; otherwise read from the timesteps
 
 
 @dataclass
@@ -156,7 +156,6 @@ def _section(name: str, section_type: type, value: Any, base: Any):
 
 
 def _validate_adacache(cfg: AdaCacheConfig) -> None:
-    _check_choice("adacache.policy", cfg.policy, ("adacache", "teacache"))
     if not cfg.codebook:
         raise ValueError("ditopt: adacache.codebook must map at least one threshold to a rate")
     for threshold, rate in cfg.codebook.items():
@@ -169,8 +168,8 @@ def _validate_adacache(cfg: AdaCacheConfig) -> None:
         raise ValueError(f"ditopt: adacache.moreg_window must be two fractions 0 <= lo <= hi <= 1, got {cfg.moreg_window}")
     if cfg.first_steps < 1 or cfg.last_steps < 0:
         raise ValueError("ditopt: adacache.first_steps must be >= 1 and last_steps >= 0")
-    if cfg.teacache_threshold <= 0:
-        raise ValueError("ditopt: adacache.teacache_threshold must be > 0")
+    if cfg.num_steps is not None and cfg.num_steps < 1:
+        raise ValueError("ditopt: adacache.num_steps must be a positive number of steps or None")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

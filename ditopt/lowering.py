@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from . import ops  # noqa: F401  (registers torch.ops.ditopt)
 from .analysis import DiTStructure
 from .config import Config
 
@@ -38,8 +39,48 @@ class Region:
         return f"region{self.index}_{self.kind}" + (f"{self.block}" if self.block is not None else "")
 
 
-def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Region], Any]:
-    """Cut gm into regions; also returns the output template (slot numbers in the output's structure)."""
+@dataclass
+class SpanPlan:
+    """A skippable run of block regions, in slot terms: the runtime's view of a SkipSpan."""
+
+    id: int
+    first: int  # region index
+    last: int
+    streams: list[tuple[int, int]]  # (input slot, output slot)
+    free_after: list[int]
+
+
+def consume_guards(gm: fx.GraphModule) -> set[int]:
+    """Replace the ditopt.skip_guard markers by their input; returns the span ids that had guards.
+
+    The guard is where the runtime decides, so it costs nothing inside the compiled regions."""
+    guarded: set[int] = set()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.ditopt.skip_guard.default:
+            x, span_id = node.args
+            guarded.add(span_id)
+            node.replace_all_uses_with(x)
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return guarded
+
+
+def plan_spans(structure: DiTStructure, regions: list[Region], slot: dict[str, int], guarded: set[int]) -> list[SpanPlan]:
+    """The skippable spans whose guards are in the graph, in slot terms."""
+    plans = []
+    for span in structure.skip_spans:
+        if span.id not in guarded:
+            continue
+        members = [r for r in regions if r.kind == "block" and r.block in span.blocks]
+        free = sorted({s for r in members for s in r.free_after})
+        plans.append(SpanPlan(span.id, members[0].index, members[-1].index,
+                              [(slot[i], slot[o]) for i, o in span.streams], free))
+    return plans
+
+
+def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Region], Any, dict[str, int]]:
+    """Cut gm into regions. Also returns the output template (slot numbers in the output's structure)
+    and the slot of every value by name."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     by_name = {n.name: n for n in graph.nodes}
@@ -87,7 +128,7 @@ def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Reg
         if s not in final:
             regions[ri].free_after.append(s)
     template = fx.node.map_arg(output_node.args[0], lambda n: _Slot(slot[n.name]))
-    return regions, template
+    return regions, template, slot
 
 
 class _Slot(int):
@@ -111,7 +152,8 @@ def _make_region(gm: fx.GraphModule, index: int, kind: str, block: int | None, n
         for a in n.all_input_nodes:
             if a not in inside and a not in inputs:
                 inputs.append(a)
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    # probes (values a runtime policy reads) are outputs even without a reader outside
+    outputs = [n for n in nodes if any(u not in inside for u in n.users) or "ditopt_probe" in n.meta]
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for a in inputs:

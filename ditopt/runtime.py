@@ -21,7 +21,7 @@ import torch
 
 from .analysis import DiTStructure
 from .config import Config
-from .lowering import Region, VariantCache, fill_template
+from .lowering import Region, SpanPlan, VariantCache, fill_template
 
 
 @dataclass
@@ -81,7 +81,7 @@ class StepClock:
     def _new_generation(self, stream: StreamState) -> None:
         if stream.stats is not None:
             self.finished.append(stream.stats)
-        stream.generation += 1
+        stream.generation += 1  # caches and decisions live in stream.state: a new generation starts empty
         stream.step = -1
         stream.timesteps = []
         stream.state = {}
@@ -100,27 +100,34 @@ class StepClock:
         return self.finished + [s.stats for s in self.streams.values() if s.stats is not None]
 
 
-class BlockPolicy(Protocol):
-    """What a method plugs into the runtime: a per-call hook and a per-block-region hook."""
+class SkipPolicy(Protocol):
+    """Decides, for one stream, which spans to skip at this call. The guard machinery (span
+    residual caches, probes, statistics) belongs to the runtime, so a policy is only a decision."""
 
     name: str
 
     def begin_call(self, runtime: "Runtime", stream: StreamState) -> None: ...
 
-    def run_block(self, runtime: "Runtime", region: Region, inputs: list, stream: StreamState) -> list | None:
-        """Return the region's outputs to replace its computation, or None to compute it."""
+    def should_skip(self, runtime: "Runtime", span: SpanPlan, stream: StreamState) -> bool: ...
+
+    def end_call(self, runtime: "Runtime", stream: StreamState, probes: dict[str, torch.Tensor]) -> None: ...
 
 
 class Runtime:
     """The callable the backend hands to Dynamo for one graph."""
 
     def __init__(self, structure: DiTStructure, regions: list[Region], template: Any, config: Config,
-                 timestep_slot: int | None, policies: list[BlockPolicy], report: dict):
+                 timestep_slot: int | None, spans: list[SpanPlan], probe_slots: dict[str, int],
+                 policies: list[SkipPolicy], report: dict):
         self.structure = structure
         self.regions = regions
         self.template = template
         self.config = config
         self.timestep_slot = timestep_slot
+        self.spans = spans
+        self._span_at = {sp.first: sp for sp in spans}
+        self._span_end = {sp.last: sp for sp in spans}
+        self.probe_slots = probe_slots
         self.policies = policies
         self.report = report
         self.clock = StepClock()
@@ -139,23 +146,42 @@ class Runtime:
         for policy in self.policies:
             policy.begin_call(self, stream)
         values: list[Any] = list(args) + [None] * max(0, self.num_slots - len(args))
-        for region in self.regions:
-            inputs = [values[s] for s in region.input_slots]
-            outputs = None
-            if region.kind == "block":
-                for policy in self.policies:
-                    outputs = policy.run_block(self, region, inputs, stream)
-                    if outputs is not None:
-                        stream.stats.blocks_skipped += 1
-                        break
-                if outputs is None:
-                    stream.stats.blocks_computed += 1
-            if outputs is None:
-                outputs = self.run_region(region, inputs)
+        caches = stream.state.setdefault("skip_cache", {})
+        probes: dict[str, torch.Tensor] = {}
+        span_inputs: dict[int, list] = {}
+        i = 0
+        while i < len(self.regions):
+            span = self._span_at.get(i)
+            if span is not None:
+                if span.id in caches and any(p.should_skip(self, span, stream) for p in self.policies):
+                    for (src, dst), residual in zip(span.streams, caches[span.id]):
+                        values[dst] = values[src] + residual
+                    for s in span.free_after:
+                        values[s] = None
+                    stream.stats.blocks_skipped += span.last - span.first + 1
+                    i = span.last + 1
+                    continue
+                if self.policies:
+                    span_inputs[span.id] = [values[src] for src, _ in span.streams]
+            region = self.regions[i]
+            outputs = self.run_region(region, [values[s] for s in region.input_slots])
             for s, v in zip(region.output_slots, outputs):
                 values[s] = v
             for s in region.free_after:
                 values[s] = None
+            if region.kind == "block":
+                stream.stats.blocks_computed += 1
+            ended = self._span_end.get(i)
+            if ended is not None and ended.id in span_inputs:
+                caches[ended.id] = [values[dst] - x for (_, dst), x in zip(ended.streams, span_inputs.pop(ended.id))]
+            i += 1
+        for name, slot in self.probe_slots.items():
+            if values[slot] is not None:
+                probes[name] = values[slot]
+        for policy in self.policies:
+            policy.end_call(self, stream, probes)
+        stream.stats.method["cache_mb"] = round(
+            sum(t.numel() * t.element_size() for ts in caches.values() for t in ts) / 2**20, 3)
         return fill_template(self.template, values)
 
     def run_region(self, region: Region, inputs: list, variant: str = "full", gm=None) -> list:
@@ -173,6 +199,7 @@ class Runtime:
             "calls": self.calls,
             "blocks": len(self.structure.blocks),
             "regions": len(self.regions),
+            "skip_spans": len(self.spans),
             "compiled_variants": len(self.variants.variants),
             "compile_seconds": round(self.variants.compile_seconds, 3),
             "generations": [g.to_dict() for g in self.clock.all_stats()],

@@ -1,0 +1,256 @@
+"""AdaCache: skip guards, the decision policy against the reference formula, streams, calibration."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import ditopt
+from ditopt import models
+from ditopt.adacache import (
+    CODEBOOKS, calibrate_from_metrics, codebook_for_scale, decisions_from_metrics, motion_score, next_rate,
+)
+from ditopt.analysis import analyze
+from ditopt.bench import euler_loop
+from ditopt.config import Config
+from ditopt.passes import run_pipeline
+from ditopt.stdit import STDiT
+
+from conftest import capture_graphs, compile_ditopt
+
+NEVER = {math.inf: 1}
+ALWAYS_SKIP = {math.inf: 1000}
+
+
+def _stdit(depth=2, seed=0):
+    torch.manual_seed(seed)
+    return STDiT(dim=32, heads=2, depth=depth, caption_dim=16).eval()
+
+
+def _loop(model_fn, x, y, steps=12):
+    outs = []
+    with torch.no_grad():
+        for t in torch.linspace(999, 0, steps):
+            out = model_fn(x, t.reshape(1), y)
+            outs.append(out)
+            x = x - out / steps
+    return x, outs
+
+
+# --- the pass ---------------------------------------------------------------
+
+
+# CogVideoX (no RoPE) never reads the text stream after its last block: one stream to cache, not two.
+@pytest.mark.parametrize("family, spans, streams", [("stdit", 1, 1), ("cogvideox", 1, 1), ("latte", 4, 1),
+                                                    ("wan", 1, 1)])
+def test_pass_guards_spans_and_their_streams(family, spans, streams):
+    case = models.build(family)
+    gm = capture_graphs(case.model, case.inputs())[0]
+    cfg = Config.from_options({"adacache": True, "lowering": "eager"})
+    gm, structure, reports = run_pipeline(gm, analyze(gm), cfg)
+    report = reports["adacache"]
+    assert len(report["spans"]) == spans and report["rejected"] == []
+    assert all(s["streams"] == streams for s in report["spans"])
+    guards = [n for n in gm.graph.nodes if n.target is torch.ops.ditopt.skip_guard.default]
+    assert len(guards) == report["guards"] == spans * streams
+    assert report["probe"] is not None
+
+
+def test_probe_is_the_middle_temporal_attention_when_there_is_one():
+    model = _stdit(depth=3)
+    inputs = dict(x=torch.randn(1, 4, 3, 8, 8), timestep=torch.tensor([10.0]), y=torch.randn(1, 5, 16))
+    gm = capture_graphs(model, inputs)[0]
+    _, _, reports = run_pipeline(gm, analyze(gm), Config.from_options({"adacache": True}))
+    assert reports["adacache"]["probe"].startswith("temporal_blocks.1: temporal_blocks.1.attn (self, temporal)")
+
+
+# --- equivalences -------------------------------------------------------------
+
+
+@settings(max_examples=4, deadline=None)
+@given(depth=st.integers(1, 3), frames=st.integers(2, 4), seed=st.integers(0, 100))
+def test_codebook_that_never_skips_equals_full_compute(depth, frames, seed):
+    torch._dynamo.reset()
+    model = _stdit(depth, seed)
+    x, y = torch.randn(1, 4, frames, 8, 8), torch.randn(1, 5, 16)
+    expected, _ = _loop(model, x, y)
+    actual, _ = _loop(compile_ditopt(model, adacache={"codebook": NEVER}), x, y)
+    assert torch.equal(actual, expected)
+    (gen,) = ditopt.stats(model)["generations"]
+    assert gen["blocks_skipped"] == 0 and set(gen["adacache_decisions"]) == {"C"}
+
+
+def test_skipped_step_output_is_input_plus_cached_residual():
+    model = _stdit(depth=2)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    compiled = compile_ditopt(model, adacache={"codebook": ALWAYS_SKIP, "last_steps": 0})
+    ts = [torch.tensor([900.0]), torch.tensor([800.0]), torch.tensor([700.0])]
+    with torch.no_grad():
+        compiled(x, ts[0], y)
+        compiled(x, ts[1], y)  # second computed step: stores the residual of all blocks
+        skipped = compiled(x, ts[2], y)
+        # expected, by hand from the model's parts: residual of the block stack at step 1, replayed at step 2
+        residual = _blocks(model, x, ts[1], y)[1] - _blocks(model, x, ts[1], y)[0]
+        expected = _head(model, x, ts[2], _blocks(model, x, ts[2], y)[0] + residual)
+    assert ditopt.stats(model)["generations"][0]["adacache_decisions"] == "CCS"
+    torch.testing.assert_close(skipped, expected, rtol=1e-5, atol=1e-5)
+
+
+def _blocks(model, x, t, y):
+    """(hidden states entering the first block, leaving the last block) of an STDiT call."""
+    from ditopt.stdit import timestep_embedding
+
+    b, _, frames, height, width = x.shape
+    h = model.x_embedder(x).flatten(2).transpose(1, 2)
+    t_mod = model.t_block(model.t_embedder(timestep_embedding(t, model.dim)))
+    ye = model.y_embedder(y)
+    out = h
+    for sb, tb in zip(model.spatial_blocks, model.temporal_blocks):
+        out = tb(sb(out, ye, t_mod, frames, (height // 2) * (width // 2)), ye, t_mod, frames, (height // 2) * (width // 2))
+    return h, out
+
+
+def _head(model, x, t, hidden):
+    from ditopt.stdit import timestep_embedding
+
+    b, _, frames, height, width = x.shape
+    tt = model.t_embedder(timestep_embedding(t, model.dim))
+    shift, scale = (model.final_table[None] + tt[:, None]).chunk(2, dim=1)
+    out = model.final_proj(model.final_norm(hidden) * (1 + scale) + shift)
+    hp, wp, p = height // 2, width // 2, model.patch
+    out = out.view(b, frames, hp, wp, p, p, model.out_channels)
+    return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, model.out_channels, frames, height, width)
+
+
+# --- decisions ----------------------------------------------------------------
+
+
+def _reference_schedule(metrics_at, num_steps, codebook, first=2, last=2):
+    """The reference's loop as methods.md states it: a countdown after each computed step."""
+    out, countdown, prev_rate, cached = [], 0, 1, False
+    for step in range(num_steps):
+        compute = step < first or step >= num_steps - last or countdown <= 0
+        if compute:
+            if cached:
+                metric = metrics_at(step, prev_rate) / prev_rate
+                rate = 1
+                for threshold in sorted(codebook):
+                    if metric < threshold:
+                        rate = codebook[threshold]
+                        break
+                else:
+                    rate = codebook[sorted(codebook)[-1]]
+            else:
+                rate = 1
+            cached, prev_rate, countdown = True, rate, rate
+        countdown -= 1
+        out.append(compute)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(metrics=st.lists(st.floats(0, 0.6), min_size=3, max_size=60),
+       book=st.sampled_from(sorted(CODEBOOKS)))
+def test_decisions_equal_the_reference_formula_on_recorded_metrics(metrics, book):
+    def metric_at(step, rate):
+        return metrics[step] * rate
+
+    codebook = CODEBOOKS[book]
+    assert decisions_from_metrics(metric_at, len(metrics), codebook) == _reference_schedule(
+        metric_at, len(metrics), codebook)
+
+
+def test_next_rate_uses_ascending_thresholds():
+    book = CODEBOOKS["opensora-30-fast"]
+    assert [next_rate(m, book) for m in (0.0, 0.079, 0.08, 0.2, 0.39, 0.41, 5.0)] == [6, 6, 5, 4, 2, 1, 1]
+
+
+def test_runtime_decisions_follow_the_metrics_it_measured():
+    model = _stdit(depth=1)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    codebook = {0.2: 3, 0.5: 2, math.inf: 1}
+    _loop(compile_ditopt(model, adacache={"codebook": codebook, "num_steps": 20}), x, y, steps=20)
+    (gen,) = ditopt.stats(model)["generations"]
+    measured = iter(gen["adacache_metrics"][1:])  # metrics at computed steps after the first
+    recorded = {}
+
+    def metric_at(step, rate):
+        recorded[step] = next(measured)
+        return recorded[step] * rate
+
+    plan = decisions_from_metrics(metric_at, 20, codebook)
+    assert "".join("C" if c else "S" for c in plan) == gen["adacache_decisions"]
+    assert gen["blocks_skipped"] == 2 * plan.count(False)
+
+
+def test_streams_and_generations_never_share_state():
+    model = _stdit(depth=1)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    options = {"codebook": {0.3: 3, math.inf: 1}}
+    alone = compile_ditopt(model, adacache=options)
+    cond_alone, _ = _loop(alone, x, y)
+    torch._dynamo.reset()
+    ditopt.reset(model)
+    both = compile_ditopt(model, adacache=options)
+    outs = []
+    with torch.no_grad():
+        xc, xu = x.clone(), x.clone()
+        for t in torch.linspace(999, 0, 12):
+            oc = both(xc, t.reshape(1), y)  # stream 0
+            ou = both(xu, t.reshape(1), torch.zeros_like(y))  # stream 1, same timestep
+            xc, xu = xc - oc / 12, xu - ou / 12
+    assert torch.equal(xc, cond_alone)  # the uncond stream did not disturb the cond stream
+    second, _ = _loop(both, x, y)  # a new generation: no stale cache from the first
+    assert torch.equal(second, cond_alone)
+
+
+def test_fifty_steps_with_skipping_never_recompile():
+    model = _stdit(depth=1)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    compiled = compile_ditopt(model, adacache={"codebook": {0.5: 4, math.inf: 2}})
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _loop(compiled, x, y, steps=50)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert ditopt.stats(model)["generations"][0]["blocks_skipped"] > 0
+
+
+# --- MoReg and calibration ------------------------------------------------------
+
+
+def test_motion_score_is_zero_for_static_and_positive_for_moving_residuals():
+    static = torch.randn(2, 1, 5, 8).expand(2, 3, 5, 8).reshape(2, 15, 8)
+    assert motion_score(static, frames=3).item() == 0.0
+    assert motion_score(torch.randn(2, 15, 8), frames=3).item() > 0.2
+
+
+def test_moreg_changes_the_metric_and_needs_frames():
+    model = _stdit(depth=1)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    _loop(compile_ditopt(model, adacache={"moreg": True, "codebook": NEVER}), x, y)
+    with_moreg = ditopt.stats(model)["generations"][0]["adacache_metrics"]
+    torch._dynamo.reset()
+    ditopt.reset(model)
+    _loop(compile_ditopt(model, adacache={"moreg": False, "codebook": NEVER}), x, y)
+    plain = ditopt.stats(model)["generations"][-1]["adacache_metrics"]
+    assert with_moreg[0] is None and with_moreg[1:] != plain[1:]
+    pix = models.build("pixart")  # one frame: no motion to measure
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="moreg needs video"):  # Dynamo wraps it
+        models.call(compile_ditopt(pix.model, adacache={"moreg": True}), pix.inputs())
+
+
+@settings(max_examples=30, deadline=None)
+@given(metrics=st.lists(st.floats(0.01, 0.5), min_size=20, max_size=50), target=st.floats(1.2, 3.0))
+def test_calibrated_codebook_reaches_about_the_target(metrics, target):
+    codebook, predicted = calibrate_from_metrics(metrics, target)
+    assert list(codebook.values()) == [6, 5, 4, 3, 2, 1]
+    n = len(metrics)
+    best = n / (2 + 2 + math.ceil((n - 4) / 6))  # most skipping the codebook family allows
+    assert predicted >= min(target, best) - 1e-9 or predicted >= best * 0.75
+
+
+def test_codebook_for_scale_is_the_reference_shape():
+    assert codebook_for_scale(0.08) == CODEBOOKS["opensora-30-fast"]
