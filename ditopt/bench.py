@@ -10,7 +10,6 @@ against full compute), peak memory where the device reports it.
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -20,7 +19,12 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
+from .metrics import psnr, ssim
+
 PRESET_CONFIGS = ("lossless", "quality", "balanced", "fast")
+# FasterCache is left out: with diffusers 0.42 its unconditional-branch hook fails with a shape error
+# on WanTransformer3DModel under batched CFG (docs/benchmarks.md).
+PEERS = ("fbcache", "pab", "taylorseer")
 
 
 def _register_cpu_sdpa_flops() -> None:
@@ -42,19 +46,17 @@ _register_cpu_sdpa_flops()
 @dataclass
 class Result:
     config: str
+    how: str  # how it was run (lowering, or the peer's hooks)
     seconds_per_generation: float
     speedup_vs_inductor: float | None
+    speedup_vs_eager: float | None
     compile_seconds: float
     gflops_per_generation: float | None
     flop_ratio: float | None
     psnr_db: float | None
+    ssim: float | None
     blocks_skipped_fraction: float | None
     peak_memory_mb: float | None
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
-    mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 
 def compile_config(model: torch.nn.Module, name: str, lowering: str = "inductor"):
@@ -68,9 +70,47 @@ def compile_config(model: torch.nn.Module, name: str, lowering: str = "inductor"
     elif name.startswith("ditopt:"):
         options = {**json.loads(name[len("ditopt:"):]), "lowering": lowering}
     else:
-        raise ValueError(f"unknown configuration {name!r}: use eager, inductor, {', '.join(PRESET_CONFIGS)} "
-                         "or ditopt:<options as JSON>")
+        raise ValueError(f"unknown configuration {name!r}: use eager, inductor, {', '.join(PRESET_CONFIGS)}, "
+                         f"ditopt:<options as JSON>, or a diffusers peer: {', '.join(PEERS)}")
     return torch.compile(model, backend="ditopt", options=options)
+
+
+class _Clock:
+    """The sampler's current timestep, for hooks that ask for it (FasterCache)."""
+
+    t = 1000.0
+
+
+def peer_config(name: str, clock: _Clock = _Clock()):
+    """diffusers' own cache for a peer name, with the settings its docs give for video models."""
+    import diffusers
+
+    if name == "fbcache":
+        # 0.05 (the default) never skips on the fixture, whose per-step changes are larger
+        return diffusers.FirstBlockCacheConfig(threshold=0.2)
+    if name == "pab":
+        return diffusers.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: clock.t)
+    if name == "taylorseer":
+        # without identifiers TaylorSeer hooks no module at all: predict whole blocks
+        return diffusers.TaylorSeerCacheConfig(cache_interval=5, disable_cache_before_step=3, max_order=1,
+                                               taylor_factors_dtype=torch.float32,
+                                               cache_identifiers=[r"(blocks|transformer_blocks)\.\d+"])
+    raise ValueError(f"unknown peer {name!r}; choose one of {list(PEERS)}")
+
+
+CLOCK = _Clock()
+
+
+def _prepare(model: torch.nn.Module, name: str, lowering: str = "inductor"):
+    """(callable, how it runs, cleanup) for a configuration name."""
+    if name in PEERS:
+        model.enable_cache(peer_config(name, CLOCK))
+        return model, "eager + diffusers hooks", model.disable_cache
+    fn = compile_config(model, name, lowering)
+    how = "eager" if name == "eager" else ("inductor" if name == "inductor" else f"ditopt ({lowering})")
+    return fn, how, lambda: None
 
 
 def measure(
@@ -82,58 +122,67 @@ def measure(
 ) -> list[Result]:
     """Run `generate(fn)` (one whole sampling loop that calls fn) for each configuration and compare.
 
-    The first configuration that is "inductor" is the reference for speed; full compute
-    ("eager" or "inductor") is the reference for fidelity and FLOPs.
+    Speed is compared with full compute under Inductor and eagerly (diffusers' peers run as hooks in
+    eager mode, their documented use; under torch.compile PAB recompiles each step and FirstBlockCache
+    breaks the graph). Fidelity and FLOPs are compared with full compute.  `generate` should set
+    `CLOCK.t` to the current timestep before each step (FasterCache and PAB read it).
     """
     import ditopt
 
-    reference_out, reference_flops, baseline_time = None, None, None
+    reference_out, reference_flops = None, None
     results, raw = [], []
     for name in configs:
         torch._dynamo.reset()
         ditopt.reset(model)
-        fn = compile_config(model, name)
-        start = time.perf_counter()
-        out = generate(fn)
-        first = time.perf_counter() - start
-        times = []
-        for _ in range(repeats):
-            ditopt.reset(model)
+        fn, how, cleanup = _prepare(model, name)
+        try:
             start = time.perf_counter()
             out = generate(fn)
-            times.append(time.perf_counter() - start)
+            first = time.perf_counter() - start
+            times = []
+            for _ in range(repeats):
+                ditopt.reset(model)
+                start = time.perf_counter()
+                out = generate(fn)
+                times.append(time.perf_counter() - start)
+            skipped = _skipped_fraction(model) if name not in ("eager", "inductor", *PEERS) else None
+        finally:
+            cleanup()
         steady = min(times)
-        if name == "inductor" and baseline_time is None:
-            baseline_time = steady
         if name in ("eager", "inductor") and reference_out is None:
             reference_out = out
-        skipped = _skipped_fraction(model) if name not in ("eager", "inductor") else 0.0
         gflops = None
         if flops:
             torch._dynamo.reset()
             ditopt.reset(model)
+            fn, _, cleanup = _prepare(model, name, lowering="eager")
             counter = FlopCounterMode(display=False)
-            with counter, warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # FlopCounterMode's module hooks make torch.compile warn
-                generate(compile_config(model, name, lowering="eager"))
+            try:
+                with counter, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # FlopCounterMode's module hooks make torch.compile warn
+                    generate(fn)
+            finally:
+                cleanup()
             gflops = counter.get_total_flops() / 1e9
             if name in ("eager", "inductor") and reference_flops is None:
                 reference_flops = gflops
         results.append(Result(
-            config=name,
-            seconds_per_generation=round(steady, 4),
-            speedup_vs_inductor=None,
+            config=name, how=how,
+            seconds_per_generation=round(steady, 4), speedup_vs_inductor=None, speedup_vs_eager=None,
             compile_seconds=round(max(0.0, first - steady), 2),
-            gflops_per_generation=round(gflops, 3) if gflops is not None else None,
-            flop_ratio=None,
+            gflops_per_generation=round(gflops, 3) if gflops is not None else None, flop_ratio=None,
             psnr_db=None if reference_out is None else round(psnr(out, reference_out), 2),
-            blocks_skipped_fraction=round(skipped, 4),
+            ssim=None if reference_out is None else round(ssim(out, reference_out), 4),
+            blocks_skipped_fraction=None if skipped is None else round(skipped, 4),
             peak_memory_mb=_peak_memory_mb(),
         ))
-        raw.append((steady, gflops))
-    for r, (steady, gflops) in zip(results, raw):
-        if baseline_time:
-            r.speedup_vs_inductor = round(baseline_time / steady, 3)
+        raw.append((name, steady, gflops))
+    times = {name: steady for name, steady, _ in raw}
+    for r, (name, steady, gflops) in zip(results, raw):
+        if "inductor" in times:
+            r.speedup_vs_inductor = round(times["inductor"] / steady, 3)
+        if "eager" in times:
+            r.speedup_vs_eager = round(times["eager"] / steady, 3)
         if reference_flops and gflops is not None:
             r.flop_ratio = round(gflops / reference_flops, 4)
     return results
@@ -162,6 +211,7 @@ def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) 
         batch = x.shape[0]
         with torch.no_grad():
             for t in torch.linspace(999, 0, steps):
+                CLOCK.t = float(t)
                 inputs = {**model_inputs, latent_key: x, "timestep": t.expand(batch).clone()}
                 out = call(fn, inputs)
                 for dim, (a, b) in enumerate(zip(out.shape, x.shape)):
@@ -174,8 +224,8 @@ def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) 
 
 
 def to_markdown(results: list[Result], title: str) -> str:
-    cols = ["config", "seconds_per_generation", "speedup_vs_inductor", "compile_seconds", "gflops_per_generation",
-            "flop_ratio", "psnr_db", "blocks_skipped_fraction"]
+    cols = ["config", "how", "seconds_per_generation", "speedup_vs_inductor", "speedup_vs_eager", "compile_seconds",
+            "gflops_per_generation", "flop_ratio", "psnr_db", "ssim", "blocks_skipped_fraction", "peak_memory_mb"]
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         row = asdict(r)

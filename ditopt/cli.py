@@ -53,7 +53,8 @@ def _bench(args) -> int:
         prompts = list(fixture.PROMPTS[: args.batch])
 
         def generate(fn):
-            return fixture.sample(fn, prompts, seed=args.seed, steps=args.steps)
+            return fixture.sample(fn, prompts, seed=args.seed, steps=args.steps,
+                                  on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
 
         title = f"fixture (WanTransformer3DModel), {args.steps} steps, batch {len(prompts)} with CFG"
     else:
@@ -66,6 +67,7 @@ def _bench(args) -> int:
     with torch.no_grad():
         results = bench.measure(model, generate, args.configs, repeats=args.repeats, flops=not args.no_flops)
     print(bench.to_markdown(results, title))
+    print("peak_memory_mb is the CUDA allocator's peak (empty on the CPU)")
     if args.out:
         bench.write(results, Path(args.out), title)
     return 0
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="time, FLOPs and fidelity of configurations side by side")
     b.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))
     b.add_argument("--size", choices=SIZES, default="tiny")
-    b.add_argument("--configs", nargs="+", default=["inductor", "lossless", "quality", "balanced", "fast"])
+    b.add_argument("--configs", nargs="+", default=["eager", "inductor", "lossless", "quality", "balanced", "fast",
+                                                     "fbcache", "pab", "taylorseer"])
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--seed", type=int, default=0)
