@@ -124,7 +124,7 @@ class AdaCachePolicy:
         st.skip = not must and stream.step < st.next_compute
         st.decisions.append("S" if st.skip else "C")
 
-    def should_skip(self, runtime, span, stream: StreamState) -> bool:
+    def should_skip(self, runtime, span, stream: StreamState, probes: dict) -> bool:
         return self._state(stream).skip
 
     def end_call(self, runtime, stream: StreamState, probes: dict) -> None:
@@ -157,8 +157,13 @@ class AdaCachePolicy:
         stats["adacache_probe_mb"] = round(probe.numel() * probe.element_size() / 2**20, 3)
 
 
-def make_policy(cfg: AdaCacheConfig, structure) -> AdaCachePolicy | None:
+def make_policy(cfg: AdaCacheConfig, structure):
     """The policy for a compiled graph, or None when the graph has no probe or nothing to skip."""
+    if cfg.policy == "teacache":
+        from .teacache import TEACACHE_PROBE, TeaCachePolicy
+
+        ok = TEACACHE_PROBE in structure.probes and structure.skip_spans
+        return TeaCachePolicy(cfg) if ok else None
     if PROBE not in structure.probes or not structure.skip_spans:
         return None
     grid = structure.layout.grid

@@ -84,6 +84,7 @@ class SkipSpan:
     id: int
     blocks: list[int]
     streams: list[tuple[str, str]]
+    decide_after: str | None = None  # a probe inside the span that the skip decision waits for
 
 
 @dataclass
@@ -403,9 +404,13 @@ def _transposes_tokens_before(q: fx.Node, block_nodes: set) -> bool:
     return False
 
 
+def sdpa_qkv(node: fx.Node) -> list:
+    """query, key, value of an attention call, whether passed by position or by keyword."""
+    return list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")[len(node.args[:3]):]]
+
+
 def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> AttentionSite:
-    args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value")[len(node.args):]]
-    q, k = args[0], args[1]
+    q, k, _ = sdpa_qkv(node)
     qs, ks = shape(q), shape(k)
     if qs is None or ks is None or len(qs) != 4:
         raise UnsupportedGraph(f"attention call {node.name} has inputs of unexpected rank")

@@ -27,6 +27,7 @@ class AdaCacheConfig:
     """
 
     enabled: bool = False
+    policy: str = "adacache"  # or "teacache": decide before each step from the first block's modulated input
     codebook: dict = field(default_factory=lambda: {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.0: 1})
     probe_block: int | None = None  # None: the middle (temporal, if any) block
     moreg: bool = False
@@ -34,6 +35,8 @@ class AdaCacheConfig:
     first_steps: int = 2
     last_steps: int = 2
     num_steps: int | None = None  # steps per generation, if known; otherwise read from the timesteps
+    teacache_threshold: float = 0.1  # accumulated rescaled change that forces a computed step
+    teacache_coefficients: tuple = (1.0, 0.0)  # rescaling polynomial, highest power first (identity)
 
 
 @dataclass
@@ -156,6 +159,11 @@ def _section(name: str, section_type: type, value: Any, base: Any):
 
 
 def _validate_adacache(cfg: AdaCacheConfig) -> None:
+    _check_choice("adacache.policy", cfg.policy, ("adacache", "teacache"))
+    if cfg.teacache_threshold <= 0:
+        raise ValueError("ditopt: adacache.teacache_threshold must be > 0")
+    if not cfg.teacache_coefficients or not all(isinstance(c, (int, float)) for c in cfg.teacache_coefficients):
+        raise ValueError("ditopt: adacache.teacache_coefficients must be a non-empty sequence of numbers")
     if not cfg.codebook:
         raise ValueError("ditopt: adacache.codebook must map at least one threshold to a rate")
     for threshold, rate in cfg.codebook.items():

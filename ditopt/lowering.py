@@ -48,6 +48,7 @@ class SpanPlan:
     last: int
     streams: list[tuple[int, int]]  # (input slot, output slot)
     free_after: list[int]
+    decide_after: int | None = None  # region whose probe the decision waits for (None: decide at entry)
 
 
 def consume_guards(gm: fx.GraphModule) -> set[int]:
@@ -73,8 +74,10 @@ def plan_spans(structure: DiTStructure, regions: list[Region], slot: dict[str, i
             continue
         members = [r for r in regions if r.kind == "block" and r.block in span.blocks]
         free = sorted({s for r in members for s in r.free_after})
+        decide_after = next((r.index for r in members if span.decide_after in r.outputs), None) \
+            if span.decide_after else None
         plans.append(SpanPlan(span.id, members[0].index, members[-1].index,
-                              [(slot[i], slot[o]) for i, o in span.streams], free))
+                              [(slot[i], slot[o]) for i, o in span.streams], free, decide_after))
     return plans
 
 
@@ -93,11 +96,13 @@ def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Reg
 
     body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     segments: list[tuple[int | None, list[fx.Node]]] = []
+    cut = False
     for n in body:
         blk = block_at.get(n)
-        if not segments or segments[-1][0] != blk:
+        if not segments or segments[-1][0] != blk or cut:
             segments.append((blk, []))
         segments[-1][1].append(n)
+        cut = bool(n.meta.get("ditopt_split_after"))  # a policy decides on this value: end the region
 
     output_node = next(n for n in graph.nodes if n.op == "output")
     regions = []

@@ -108,7 +108,8 @@ class SkipPolicy(Protocol):
 
     def begin_call(self, runtime: "Runtime", stream: StreamState) -> None: ...
 
-    def should_skip(self, runtime: "Runtime", span: SpanPlan, stream: StreamState) -> bool: ...
+    def should_skip(self, runtime: "Runtime", span: SpanPlan, stream: StreamState, probes: dict) -> bool:
+        """Called at a span's entry, or once the probe the span waits for is computed."""
 
     def end_call(self, runtime: "Runtime", stream: StreamState, probes: dict[str, torch.Tensor]) -> None: ...
 
@@ -128,6 +129,12 @@ class Runtime:
         self._span_at = {sp.first: sp for sp in spans}
         self._span_end = {sp.last: sp for sp in spans}
         self.probe_slots = probe_slots
+        self._probes_at: dict[int, list[tuple[str, int]]] = {}
+        for name, slot in probe_slots.items():
+            at = next(r.index for r in regions if slot in r.output_slots)
+            self._probes_at.setdefault(at, []).append((name, slot))
+        self._block_ends = {r.index for r in regions
+                            if r.kind == "block" and (r.index + 1 == len(regions) or regions[r.index + 1].block != r.block)}
         self.policies = policies
         self.report = report
         self.clock = StepClock()
@@ -149,40 +156,57 @@ class Runtime:
         caches = stream.state.setdefault("skip_cache", {})
         probes: dict[str, torch.Tensor] = {}
         span_inputs: dict[int, list] = {}
+        pending: SpanPlan | None = None  # a span whose decision waits for a probe inside it
         i = 0
         while i < len(self.regions):
             span = self._span_at.get(i)
-            if span is not None:
-                if span.id in caches and any(p.should_skip(self, span, stream) for p in self.policies):
-                    for (src, dst), residual in zip(span.streams, caches[span.id]):
-                        values[dst] = values[src] + residual
-                    for s in span.free_after:
-                        values[s] = None
-                    stream.stats.blocks_skipped += span.last - span.first + 1
-                    i = span.last + 1
-                    continue
-                if self.policies:
-                    span_inputs[span.id] = [values[src] for src, _ in span.streams]
+            if span is not None and self.policies:
+                span_inputs[span.id] = [values[src] for src, _ in span.streams]
+                if span.decide_after is None:
+                    if self._skip(span, stream, caches, probes):
+                        i = self._apply_skip(span, stream, caches, values, span_inputs)
+                        continue
+                else:
+                    pending = span
             region = self.regions[i]
             outputs = self.run_region(region, [values[s] for s in region.input_slots])
             for s, v in zip(region.output_slots, outputs):
                 values[s] = v
             for s in region.free_after:
                 values[s] = None
-            if region.kind == "block":
+            for name, slot in self._probes_at.get(i, ()):
+                probes[name] = values[slot]
+            if pending is not None and pending.decide_after == i:
+                span, pending = pending, None
+                if self._skip(span, stream, caches, probes):
+                    i = self._apply_skip(span, stream, caches, values, span_inputs)
+                    continue
+            if i in self._block_ends:
                 stream.stats.blocks_computed += 1
             ended = self._span_end.get(i)
             if ended is not None and ended.id in span_inputs:
                 caches[ended.id] = [values[dst] - x for (_, dst), x in zip(ended.streams, span_inputs.pop(ended.id))]
             i += 1
-        for name, slot in self.probe_slots.items():
-            if values[slot] is not None:
-                probes[name] = values[slot]
         for policy in self.policies:
             policy.end_call(self, stream, probes)
         stream.stats.method["cache_mb"] = round(
             sum(t.numel() * t.element_size() for ts in caches.values() for t in ts) / 2**20, 3)
         return fill_template(self.template, values)
+
+    def _skip(self, span: SpanPlan, stream: StreamState, caches: dict, probes: dict) -> bool:
+        wants = [p.should_skip(self, span, stream, probes) for p in self.policies]  # each policy sees every step
+        return span.id in caches and any(wants)
+
+    def _apply_skip(self, span: SpanPlan, stream: StreamState, caches: dict, values: list, span_inputs: dict) -> int:
+        """Outputs of a skipped span: each stream's input plus its cached residual. Returns the next region."""
+        inputs = span_inputs.pop(span.id)
+        for (_, dst), x, residual in zip(span.streams, inputs, caches[span.id]):
+            values[dst] = x + residual
+        for s in span.free_after:
+            if s not in {dst for _, dst in span.streams}:
+                values[s] = None
+        stream.stats.blocks_skipped += len({r.block for r in self.regions[span.first:span.last + 1]})
+        return span.last + 1
 
     def run_region(self, region: Region, inputs: list, variant: str = "full", gm=None) -> list:
         """Run a region's compiled variant (compiled on first use, shared between identical regions)."""

@@ -21,9 +21,10 @@ import torch
 import torch.fx as fx
 
 import ditopt.ops  # noqa: F401  (registers torch.ops.ditopt)
-from ditopt.analysis import ADD_TARGETS, PASSTHROUGH, DiTStructure, SkipSpan, _matches, example
+from ditopt.analysis import ADD_TARGETS, PASSTHROUGH, DiTStructure, SkipSpan, _matches, example, sdpa_qkv
 
 PROBE = "adacache"
+TEACACHE_PROBE = "teacache"
 _RESIDUAL_PATH = ADD_TARGETS | PASSTHROUGH | {"split", "chunk", torch.split, torch.chunk, torch.cat, operator.getitem}
 
 
@@ -85,6 +86,25 @@ def _probe_node(structure: DiTStructure, config) -> tuple[str | None, str]:
     return sites[0].branch, f"{block.path}: {sites[0].name} ({sites[0].kind}, {sites[0].axis})"
 
 
+def _first_modulated_input(gm: fx.GraphModule, structure: DiTStructure) -> str | None:
+    """TeaCache's signal: the input of the first block's first Q projection (the modulated hidden state)."""
+    from ditopt.analysis import LINEAR_TARGETS
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+    block = structure.blocks[0]
+    for site in block.attention:
+        if site.kind not in ("self", "joint"):
+            continue
+        node = sdpa_qkv(by_name[site.sdpa])[0]
+        for _ in range(16):  # back from Q through head split, norms and RoPE to its projection
+            if not isinstance(node, fx.Node):
+                break
+            if _matches(node, LINEAR_TARGETS):
+                return node.args[0].name
+            node = node.args[0] if node.args else None
+    return None
+
+
 def run(gm: fx.GraphModule, structure: DiTStructure, config):
     from . import PassResult
 
@@ -109,6 +129,21 @@ def run(gm: fx.GraphModule, structure: DiTStructure, config):
                 user.replace_input_with(src, guard)
         spans.append(SkipSpan(span_id, blocks, [(src.name, out.name) for src, out in streams]))
 
+    if config.adacache.policy == "teacache":
+        probe = _first_modulated_input(gm, structure)
+        probe_where = f"{structure.blocks[0].path}: input of the first Q projection" if probe else \
+            "the first block has no self/joint attention to read a modulated input from"
+        if probe is not None and spans:
+            node = next(n for n in gm.graph.nodes if n.name == probe)
+            node.meta["ditopt_probe"] = TEACACHE_PROBE
+            node.meta["ditopt_split_after"] = True  # the decision waits for it: end a region here
+            structure.probes[TEACACHE_PROBE] = probe
+            first_span = next((s for s in spans if 0 in s.blocks), None)
+            if first_span is not None:
+                first_span.decide_after = probe
+        structure.skip_spans = spans
+        gm.recompile()
+        return PassResult(gm, structure, _report(spans, rejected, probe, probe_where))
     probe, probe_where = _probe_node(structure, config)
     if probe is not None:
         node = next(n for n in gm.graph.nodes if n.name == probe)
@@ -116,6 +151,10 @@ def run(gm: fx.GraphModule, structure: DiTStructure, config):
         structure.probes[PROBE] = probe
     structure.skip_spans = spans
     gm.recompile()
+    return PassResult(gm, structure, _report(spans, rejected, probe, probe_where))
+
+
+def _report(spans, rejected, probe, probe_where) -> dict:
     report = {
         "spans": [{"id": s.id, "blocks": s.blocks, "streams": len(s.streams)} for s in spans],
         "guards": sum(len(s.streams) for s in spans),
@@ -124,4 +163,4 @@ def run(gm: fx.GraphModule, structure: DiTStructure, config):
     }
     if probe is None:
         report["probe_missing"] = probe_where
-    return PassResult(gm, structure, report)
+    return report

@@ -254,3 +254,52 @@ def test_calibrated_codebook_reaches_about_the_target(metrics, target):
 
 def test_codebook_for_scale_is_the_reference_shape():
     assert codebook_for_scale(0.08) == CODEBOOKS["opensora-30-fast"]
+
+
+# --- the TeaCache policy on the same guards -------------------------------------
+
+
+def test_teacache_region_split_and_probe():
+    model = _stdit(depth=2)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    compiled = compile_ditopt(model, adacache={"policy": "teacache", "teacache_threshold": 1e-9})
+    expected, _ = _loop(model, x, y)
+    actual, _ = _loop(compiled, x, y)
+    assert torch.equal(actual, expected)  # a threshold nothing stays under: never skips
+    (rt,) = ditopt.runtime.runtimes_of(model)
+    kinds = [(r.kind, r.block) for r in rt.regions]
+    assert kinds[:3] == [("prologue", None), ("block", 0), ("block", 0)]  # block 0 cut after the probe
+    assert rt.spans[0].decide_after == 1
+    (gen,) = ditopt.stats(model)["generations"]
+    assert gen["blocks_computed"] == 4 * 12 and gen["teacache_decisions"] == "C" * 12
+
+
+@settings(max_examples=100, deadline=None)
+@given(changes=st.lists(st.floats(0, 0.3), min_size=3, max_size=40), threshold=st.floats(0.01, 1.0))
+def test_teacache_decisions_accumulate_until_the_threshold(changes, threshold):
+    from ditopt.teacache import teacache_decisions
+
+    seq = [None, *changes]
+    plan = teacache_decisions(seq, threshold, (1.0, 0.0), first_steps=1, last_steps=1)
+    acc = 0.0
+    for s, (change, compute) in enumerate(zip(seq, plan)):
+        if s == 0 or s == len(seq) - 1:
+            assert compute
+            acc = 0.0
+            continue
+        acc += change
+        assert compute == (acc >= threshold)
+        if compute:
+            acc = 0.0
+
+
+def test_teacache_runtime_follows_its_recorded_changes():
+    from ditopt.teacache import teacache_decisions
+
+    model = _stdit(depth=1)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    _loop(compile_ditopt(model, adacache={"policy": "teacache", "teacache_threshold": 0.4, "num_steps": 12}), x, y)
+    (gen,) = ditopt.stats(model)["generations"]
+    plan = teacache_decisions(gen["teacache_changes"], 0.4, (1.0, 0.0), first_steps=2, last_steps=2)
+    assert gen["teacache_decisions"] == "".join("C" if c else "S" for c in plan)
+    assert "S" in gen["teacache_decisions"]
