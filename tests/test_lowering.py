@@ -21,7 +21,7 @@ def test_regions_cover_every_node_once_in_order():
     model, inputs = _stdit(2)
     gm = capture_graphs(model, inputs)[0]
     s = analyze(gm)
-    regions, _ = split_regions(gm, s)
+    regions, _, _ = split_regions(gm, s)
     body = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     copied = [n.name for r in regions for n in r.gm.graph.nodes if n.op not in ("placeholder", "output")]
     assert copied == body
@@ -32,7 +32,7 @@ def test_regions_cover_every_node_once_in_order():
 def test_spatial_and_temporal_blocks_have_two_distinct_keys():
     model, inputs = _stdit(3)
     gm = capture_graphs(model, inputs)[0]
-    regions, _ = split_regions(gm, analyze(gm))
+    regions, _, _ = split_regions(gm, analyze(gm))
     keys = {graph_key(r.gm) for r in regions if r.kind == "block"}
     assert len(keys) == 2
 
