@@ -9,6 +9,7 @@ against full compute), peak memory where the device reports it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -151,21 +152,9 @@ def measure(
         steady = min(times)
         if name in ("eager", "inductor") and reference_out is None:
             reference_out = out
-        gflops = None
-        if flops:
-            torch._dynamo.reset()
-            ditopt.reset(model)
-            fn, _, cleanup = _prepare(model, name, lowering="eager")
-            counter = FlopCounterMode(display=False)
-            try:
-                with counter, warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # FlopCounterMode's module hooks make torch.compile warn
-                    generate(fn)
-            finally:
-                cleanup()
-            gflops = counter.get_total_flops() / 1e9
-            if name in ("eager", "inductor") and reference_flops is None:
-                reference_flops = gflops
+        gflops = count_generation_flops(model, name, generate) / 1e9 if flops else None
+        if gflops is not None and name in ("eager", "inductor") and reference_flops is None:
+            reference_flops = gflops
         results.append(Result(
             config=name, how=how,
             seconds_per_generation=round(steady, 4), speedup_vs_inductor=None, speedup_vs_eager=None,
@@ -186,6 +175,36 @@ def measure(
         if reference_flops and gflops is not None:
             r.flop_ratio = round(gflops / reference_flops, 4)
     return results
+
+
+def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable) -> int:
+    """FLOPs of one generation under a configuration.
+
+    Full compute and diffusers' peers run eagerly under FlopCounterMode. ditopt configurations run
+    with the eager lowering (same decisions) and are counted from inside the runtime
+    (`ditopt.runtime.count_flops`), since Dynamo bypasses compiled code while a dispatch mode is active.
+    """
+    import ditopt
+    from ditopt.runtime import count_flops
+
+    torch._dynamo.reset()
+    ditopt.reset(model)
+    fn, _, cleanup = _prepare(model, name, lowering="eager")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FlopCounterMode's module hooks make torch.compile warn
+            if fn is model:
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    generate(fn)
+                return counter.get_total_flops()
+            generate(fn)  # compiles: Dynamo must not see a dispatch mode while it traces
+            ditopt.reset(model)
+            with count_flops() as tally:
+                generate(fn)
+            return tally.flops
+    finally:
+        cleanup()
 
 
 def _skipped_fraction(model) -> float:
@@ -213,7 +232,9 @@ def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) 
             for t in torch.linspace(999, 0, steps):
                 CLOCK.t = float(t)
                 inputs = {**model_inputs, latent_key: x, "timestep": t.expand(batch).clone()}
-                out = call(fn, inputs)
+                context = getattr(fn, "cache_context", None)  # as pipelines do, for diffusers' cache hooks
+                with context("denoise") if context is not None else contextlib.nullcontext():
+                    out = call(fn, inputs)
                 for dim, (a, b) in enumerate(zip(out.shape, x.shape)):
                     if a != b:  # learned-sigma models predict extra channels: keep the first ones
                         out = out.narrow(dim, 0, b)

@@ -155,7 +155,19 @@ def _section(name: str, section_type: type, value: Any, base: Any):
     if unknown:
         raise ValueError(f"ditopt: unknown key(s) {unknown} in {name!r}; valid keys: {valid}")
     settings = {"enabled": True, **value}
+    if "codebook" in settings and isinstance(settings["codebook"], Mapping):
+        settings["codebook"] = {_threshold(k): v for k, v in settings["codebook"].items()}
     return dataclasses.replace(base, **settings)
+
+
+def _threshold(key: Any) -> Any:
+    """Codebook thresholds may come as strings from JSON ("0.08", "inf"); numbers otherwise stay."""
+    if isinstance(key, str):
+        try:
+            return float(key)
+        except ValueError:
+            raise ValueError(f"ditopt: adacache.codebook threshold {key!r} is not a number") from None
+    return key
 
 
 def _validate_adacache(cfg: AdaCacheConfig) -> None:

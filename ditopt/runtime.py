@@ -147,6 +147,18 @@ class Runtime:
     # -- execution -----------------------------------------------------------
 
     def __call__(self, *args):
+        if not _FLOP_TALLIES:
+            return self._run(*args)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = self._run(*args)
+        for tally in _FLOP_TALLIES:
+            tally.flops += counter.get_total_flops()
+        return out
+
+    def _run(self, *args):
         self.calls += 1
         t = float(args[self.timestep_slot].reshape(-1)[0]) if self.timestep_slot is not None else None
         stream = self.clock.observe(t)
@@ -231,6 +243,34 @@ class Runtime:
 
     def reset(self) -> None:
         self.clock.reset()
+
+
+# ---------------------------------------------------------------------------
+# counting FLOPs
+
+
+@dataclass
+class FlopTally:
+    flops: int = 0
+
+
+_FLOP_TALLIES: list[FlopTally] = []
+
+
+@contextlib.contextmanager
+def count_flops():
+    """Count the FLOPs of every ditopt runtime call inside the block: `with count_flops() as tally: ...`.
+
+    torch.utils.flop_counter.FlopCounterMode cannot be wrapped around a torch.compile'd model (Dynamo
+    runs the frame without the backend while a dispatch mode is active), so the runtime counts from
+    inside. Counts are exact with the "eager" lowering; Inductor's kernels bypass the dispatcher.
+    """
+    tally = FlopTally()
+    _FLOP_TALLIES.append(tally)
+    try:
+        yield tally
+    finally:
+        _FLOP_TALLIES.remove(tally)
 
 
 # ---------------------------------------------------------------------------

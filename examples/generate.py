@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import ditopt
 from ditopt import fixture
-from ditopt.bench import compile_config  # also registers the CPU attention FLOP formula
+from ditopt.bench import compile_config, count_generation_flops  # also registers the CPU SDPA FLOP formula
 from ditopt.metrics import psnr, ssim
 
 PROMPTS = ["red square moving right", "blue circle moving down", "green square moving up", "yellow circle moving left"]
@@ -40,13 +38,7 @@ def timed(fn, args, label):
 
 
 def count_flops(model, config, args):
-    torch._dynamo.reset()
-    ditopt.reset(model)
-    counter = FlopCounterMode(display=False)
-    with counter, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        generate(compile_config(model, config, lowering="eager"), args, f"FLOPs {config}")
-    return counter.get_total_flops()
+    return count_generation_flops(model, config, lambda fn: generate(fn, args, f"FLOPs {config}"))
 
 
 def write_gif(full, fast, path: Path, scale: int = 8):

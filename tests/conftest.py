@@ -33,4 +33,5 @@ def capture_graphs(model, inputs: dict) -> list:
 
 
 def compile_ditopt(model, **options):
-    return torch.compile(model, backend="ditopt", options={"lowering": "eager", **options})
+    """ditopt with the cheap lowering, every method off unless the options turn one on."""
+    return torch.compile(model, backend="ditopt", options={"preset": "lossless", "lowering": "eager", **options})

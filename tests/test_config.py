@@ -56,3 +56,10 @@ def test_config_object_and_mode_pass_through():
 def test_options_of_wrong_type():
     with pytest.raises(ValueError, match="must be a dict or ditopt.Config"):
         Config.from_options(["preset", "fast"])
+
+
+def test_codebook_thresholds_from_json_strings():
+    cfg = Config.from_options({"adacache": {"codebook": {"0.1": 3, "inf": 1}}})
+    assert cfg.adacache.codebook == {0.1: 3, float("inf"): 1}
+    with pytest.raises(ValueError, match="is not a number"):
+        Config.from_options({"adacache": {"codebook": {"fast": 3}}})

@@ -1,0 +1,41 @@
+"""`ditopt bench` on a tiny config: every row measured, JSON and markdown written."""
+
+import json
+import math
+
+import torch
+
+from ditopt import bench, models
+
+
+def test_bench_measures_every_configuration_and_writes_json(tmp_path):
+    case = models.build("wan")
+    generate = bench.euler_loop(case.inputs(1, 0), 6, "hidden_states", models.call)
+    skipping = "ditopt:" + json.dumps({"adacache": {"codebook": {"inf": 3}}})  # skips whenever it may
+    configs = ["eager", "lossless", skipping, "fbcache"]
+    with torch.no_grad():
+        results = bench.measure(case.model, generate, configs, repeats=1)
+    bench.write(results, tmp_path, "tiny wan")
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["config"] for r in rows] == [configs[0], "lossless", configs[2], "fbcache"]
+    eager, lossless, skipping, fbcache = rows
+    assert eager["speedup_vs_eager"] == 1.0 and eager["flop_ratio"] == 1.0 and math.isinf(eager["psnr_db"])
+    assert lossless["flop_ratio"] == 1.0 and lossless["psnr_db"] > 60  # same math, other kernels
+    assert skipping["blocks_skipped_fraction"] > 0 and skipping["flop_ratio"] < 1.0
+    assert fbcache["how"] == "eager + diffusers hooks" and fbcache["gflops_per_generation"] > 0
+    assert "| lossless | ditopt (inductor) |" in (tmp_path / "bench.md").read_text()
+
+
+def test_unknown_configuration_lists_the_valid_ones():
+    import pytest
+
+    with pytest.raises(ValueError, match="use eager, inductor, lossless"):
+        bench.compile_config(torch.nn.Linear(2, 2), "turbo")
+
+
+def test_runtime_flop_count_of_lossless_equals_the_eager_count():
+    case = models.build("cogvideox")
+    generate = bench.euler_loop(case.inputs(1, 0), 3, "hidden_states", models.call)
+    eager = bench.count_generation_flops(case.model, "eager", generate)
+    lossless = bench.count_generation_flops(case.model, "lossless", generate)
+    assert eager > 0 and lossless == eager
