@@ -1,7 +1,7 @@
 """ditopt: a torch.compile backend for training-free acceleration of video diffusion transformers.
 
-    model = torch.compile(model, backend="ditopt")                       # preset "lossless"
-    model = torch.compile(model, backend="ditopt", options={"preset": "balanced"})
+    model = torch.compile(model, backend="ditopt")                       # preset "balanced"
+    model = torch.compile(model, backend="ditopt", options={"preset": "lossless"})   # exact
 
 The backend is registered through the `torch_dynamo_backends` entry point;
 importing ditopt is not needed to use it.

@@ -8,13 +8,23 @@ naming what is valid, so a typo never silently turns a method off.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 LOWERINGS = ("inductor", "aot_eager", "eager")
 PRESETS = ("lossless", "quality", "balanced", "fast")
-DEFAULT_PRESET = "lossless"
+DEFAULT_PRESET = "balanced"
+
+# AdaCache codebooks chosen by measurement on the fixture (examples/choose_presets.py, docs/benchmarks.md):
+# the fastest codebook whose worst-seed PSNR against full compute stays >= 35 dB (quality), >= 30 dB
+# (balanced) and >= 25 dB (fast).
+PRESET_CODEBOOKS = {
+    "quality": {0.10: 2, math.inf: 1},
+    "balanced": {0.028: 6, 0.056: 5, 0.083: 4, 0.111: 3, 0.139: 2, math.inf: 1},
+    "fast": {0.064: 6, 0.127: 5, 0.191: 4, 0.254: 3, 0.318: 2, math.inf: 1},
+}
 
 
 @dataclass
@@ -107,7 +117,7 @@ class Config:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["export_dir"] = str(self.export_dir) if self.export_dir else None
-        out["adacache"]["codebook"] = {str(k): v for k, v in self.adacache.codebook.items()}
+        out["adacache"]["codebook"] = {str(k): v for k, v in self.adacache.codebook.items()}  # JSON keys
         return out
 
 
@@ -115,12 +125,8 @@ def preset_config(name: str) -> Config:
     """The Config a preset expands to (see docs/presets.md for how each was chosen)."""
     _check_choice("preset", name, PRESETS)
     cfg = Config(preset=name)
-    if name == "quality":
-        cfg.adacache = AdaCacheConfig(enabled=True, codebook={0.04: 2, 1.0: 1})
-    elif name == "balanced":
-        cfg.adacache = AdaCacheConfig(enabled=True, codebook={0.04: 3, 0.08: 2, 1.0: 1})
-    elif name == "fast":
-        cfg.adacache = AdaCacheConfig(enabled=True, codebook={0.06: 4, 0.10: 3, 0.16: 2, 1.0: 1})
+    if name != "lossless":
+        cfg.adacache = AdaCacheConfig(enabled=True, codebook=dict(PRESET_CODEBOOKS[name]))
     return cfg
 
 

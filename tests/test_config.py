@@ -4,9 +4,11 @@ from ditopt import Config, preset_config
 from ditopt.config import LOWERINGS, PRESETS
 
 
-def test_defaults_are_lossless():
+def test_default_is_the_balanced_preset_and_lossless_is_exact():
     cfg = Config.from_options(None)
-    assert cfg.preset == "lossless" and cfg.lossless and cfg.lowering == "inductor"
+    assert cfg.preset == "balanced" and cfg.adacache.enabled and cfg.lowering == "inductor"
+    assert Config.from_options({}).preset == "balanced"
+    assert Config.from_options({"preset": "lossless"}).lossless
 
 
 @pytest.mark.parametrize("preset", PRESETS)
