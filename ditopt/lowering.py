@@ -243,37 +243,28 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config) -> C
 class CompiledVariant:
     fn: Callable
     seconds: float
-    regions: list[str]
 
 
 class VariantCache:
-    """Compiled code per (region computation, input metadata, variant name)."""
+    """Compiled code per (region computation, input metadata): identical blocks share one entry."""
 
     def __init__(self, config: Config):
         self.config = config
         self.variants: dict[tuple, CompiledVariant] = {}
         self._graph_keys: dict[int, tuple] = {}
 
-    def get(self, region: Region, variant: str, gm: fx.GraphModule, inputs: list) -> Callable:
-        gkey = self._graph_keys.get(id(gm))
+    def get(self, region: Region, inputs: list) -> Callable:
+        gkey = self._graph_keys.get(region.index)
         if gkey is None:
-            gkey = self._graph_keys[id(gm)] = graph_key(gm)
-        key = (variant, gkey, input_key(inputs))
+            gkey = self._graph_keys[region.index] = graph_key(region.gm)
+        key = (gkey, input_key(inputs))
         hit = self.variants.get(key)
         if hit is None:
             start = time.perf_counter()
-            fn = compile_graph(gm, list(inputs), self.config)
-            hit = self.variants[key] = CompiledVariant(fn, time.perf_counter() - start, [])
-        if region.name not in hit.regions:
-            hit.regions.append(region.name)
+            hit = self.variants[key] = CompiledVariant(compile_graph(region.gm, list(inputs), self.config),
+                                                       time.perf_counter() - start)
         return hit.fn
 
     @property
     def compile_seconds(self) -> float:
         return sum(v.seconds for v in self.variants.values())
-
-    def summary(self) -> list[dict]:
-        return [
-            {"variant": key[0], "regions": v.regions, "compile_seconds": round(v.seconds, 3)}
-            for key, v in self.variants.items()
-        ]

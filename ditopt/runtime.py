@@ -140,7 +140,7 @@ class Runtime:
         self.clock = StepClock()
         self.variants = VariantCache(config)
         self.num_slots = max((s for r in regions for s in r.output_slots), default=0) + 1
-        self._fns: dict[tuple[int, str], Callable] = {}
+        self._fns: dict[int, Callable] = {}
         self.params: dict[int, weakref.ref] = {}  # id -> weak reference, to recognise the model
         self.calls = 0
 
@@ -220,12 +220,11 @@ class Runtime:
         stream.stats.blocks_skipped += len({r.block for r in self.regions[span.first:span.last + 1]})
         return span.last + 1
 
-    def run_region(self, region: Region, inputs: list, variant: str = "full", gm=None) -> list:
-        """Run a region's compiled variant (compiled on first use, shared between identical regions)."""
-        key = (region.index, variant)
-        fn = self._fns.get(key)
+    def run_region(self, region: Region, inputs: list) -> list:
+        """Run a region's compiled code (compiled on first use, shared between identical regions)."""
+        fn = self._fns.get(region.index)
         if fn is None:
-            fn = self._fns[key] = self.variants.get(region, variant, gm if gm is not None else region.gm, inputs)
+            fn = self._fns[region.index] = self.variants.get(region, inputs)
         return fn(*inputs)
 
     # -- inspection ----------------------------------------------------------
