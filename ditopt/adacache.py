@@ -80,6 +80,18 @@ def decisions_from_metrics(metric_at: Callable[[int, int], float], num_steps: in
     return computed
 
 
+def in_last_steps(cfg: AdaCacheConfig, stream: StreamState) -> bool:
+    """Whether this call is one of the last `cfg.last_steps` of its generation: from `cfg.num_steps`
+    when given, else from the timesteps (with the last decrement d, ceil(t / d) steps remain)."""
+    if cfg.num_steps is not None:
+        return stream.step >= cfg.num_steps - cfg.last_steps
+    ts = stream.timesteps
+    if len(ts) < 2 or ts[-2] <= ts[-1]:
+        return False
+    remaining = math.ceil(ts[-1] / (ts[-2] - ts[-1]) - 1e-3)  # steps left, this one included
+    return remaining <= cfg.last_steps
+
+
 @dataclass
 class _StreamAdaState:
     skip: bool = False
@@ -103,15 +115,6 @@ class AdaCachePolicy:
     def _state(self, stream: StreamState) -> _StreamAdaState:
         return stream.state.setdefault(self.name, _StreamAdaState())
 
-    def _in_last_steps(self, stream: StreamState) -> bool:
-        if self.cfg.num_steps is not None:
-            return stream.step >= self.cfg.num_steps - self.cfg.last_steps
-        ts = stream.timesteps
-        if len(ts) < 2 or ts[-2] <= ts[-1]:
-            return False
-        remaining = math.ceil(ts[-1] / (ts[-2] - ts[-1]) - 1e-3)  # steps left, this one included
-        return remaining <= self.cfg.last_steps
-
     def _progress(self, stream: StreamState) -> float:
         if self.cfg.num_steps:
             return stream.step / self.cfg.num_steps
@@ -120,7 +123,7 @@ class AdaCachePolicy:
 
     def begin_call(self, runtime, stream: StreamState) -> None:
         st = self._state(stream)
-        must = stream.step < self.cfg.first_steps or self._in_last_steps(stream)
+        must = stream.step < self.cfg.first_steps or in_last_steps(self.cfg, stream)
         st.skip = not must and stream.step < st.next_compute
         st.decisions.append("S" if st.skip else "C")
 

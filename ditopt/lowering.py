@@ -47,7 +47,8 @@ class SpanPlan:
     first: int  # region index
     last: int
     streams: list[tuple[int, int]]  # (input slot, output slot)
-    free_after: list[int]
+    free_after: list[int]  # slots read last inside the span, to free when it is skipped
+    num_blocks: int
     decide_after: int | None = None  # region whose probe the decision waits for (None: decide at entry)
 
 
@@ -73,11 +74,12 @@ def plan_spans(structure: DiTStructure, regions: list[Region], slot: dict[str, i
         if span.id not in guarded:
             continue
         members = [r for r in regions if r.kind == "block" and r.block in span.blocks]
-        free = sorted({s for r in members for s in r.free_after})
+        streams = [(slot[i], slot[o]) for i, o in span.streams]
+        free = sorted({s for r in members for s in r.free_after} - {dst for _, dst in streams})
         decide_after = next((r.index for r in members if span.decide_after in r.outputs), None) \
             if span.decide_after else None
-        plans.append(SpanPlan(span.id, members[0].index, members[-1].index,
-                              [(slot[i], slot[o]) for i, o in span.streams], free, decide_after))
+        plans.append(SpanPlan(span.id, members[0].index, members[-1].index, streams, free, len(span.blocks),
+                              decide_after))
     return plans
 
 
@@ -251,13 +253,10 @@ class VariantCache:
     def __init__(self, config: Config):
         self.config = config
         self.variants: dict[tuple, CompiledVariant] = {}
-        self._graph_keys: dict[int, tuple] = {}
 
     def get(self, region: Region, inputs: list) -> Callable:
-        gkey = self._graph_keys.get(region.index)
-        if gkey is None:
-            gkey = self._graph_keys[region.index] = graph_key(region.gm)
-        key = (gkey, input_key(inputs))
+        """Called once per region (the runtime keeps what it returns)."""
+        key = (graph_key(region.gm), input_key(inputs))
         hit = self.variants.get(key)
         if hit is None:
             start = time.perf_counter()

@@ -215,9 +215,8 @@ class Runtime:
         for (_, dst), x, residual in zip(span.streams, inputs, caches[span.id]):
             values[dst] = x + residual
         for s in span.free_after:
-            if s not in {dst for _, dst in span.streams}:
-                values[s] = None
-        stream.stats.blocks_skipped += len({r.block for r in self.regions[span.first:span.last + 1]})
+            values[s] = None
+        stream.stats.blocks_skipped += span.num_blocks
         return span.last + 1
 
     def run_region(self, region: Region, inputs: list) -> list:

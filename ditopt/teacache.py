@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .adacache import relative_l1
+from .adacache import in_last_steps, relative_l1
 from .config import AdaCacheConfig
 from .runtime import StreamState
 
@@ -67,11 +67,6 @@ class TeaCachePolicy:
     def _state(self, stream: StreamState) -> _TeaState:
         return stream.state.setdefault(self.name, _TeaState())
 
-    def _in_last_steps(self, stream: StreamState) -> bool:
-        from .adacache import AdaCachePolicy
-
-        return AdaCachePolicy._in_last_steps(self, stream)  # same clock rule
-
     def begin_call(self, runtime, stream: StreamState) -> None:
         pass
 
@@ -87,7 +82,7 @@ class TeaCachePolicy:
         if current is not None:
             st.previous = current.detach()
         st.changes.append(change)
-        must = change is None or stream.step < self.cfg.first_steps or self._in_last_steps(stream)
+        must = change is None or stream.step < self.cfg.first_steps or in_last_steps(self.cfg, stream)
         if must:
             st.accumulated, st.skip = 0.0, False
         else:
