@@ -44,7 +44,16 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
     timestep_slot = slot[structure.timestep_input] if structure.timestep_input else None
     probe_slots = {name: slot[node] for name, node in structure.probes.items()}
     policies = _policies(config, structure, reports)
-    runtime = Runtime(structure, regions, template, config, timestep_slot, spans, probe_slots, policies, reports)
+    planner = None
+    if config.asymrnr.enabled:
+        from .asymrnr import build_planner
+
+        planner = build_planner(config.asymrnr, regions, len(structure.blocks))
+        if planner is None:
+            _warn_once(f"ditopt: asymrnr is on but no attention site could be reduced "
+                       f"({_skipped_reasons(reports['asymrnr'])}); attention runs on every token")
+    runtime = Runtime(structure, regions, template, config, timestep_slot, spans, probe_slots, policies, reports,
+                      planner)
     register(runtime, example_inputs)
     exporter.lowered(regions)
     exporter.write_report(
@@ -64,6 +73,11 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, stacklevel=3)
+
+
+def _skipped_reasons(report: dict) -> str:
+    reasons = sorted({s["reason"] for s in report.get("skipped", [])})
+    return "; ".join(reasons) or "no self-attention over video tokens"
 
 
 def _policies(config: Config, structure, reports: dict) -> list:

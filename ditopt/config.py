@@ -51,11 +51,32 @@ class AdaCacheConfig:
 
 @dataclass
 class AsymRnRConfig:
-    """Asymmetric token reduction inside video self-attention (placeholder for its issue)."""
+    """Asymmetric token reduction inside video self-attention (AsymRnR); see docs/asymrnr.md.
+
+    schedule "fixed": q_ratio / kv_ratio everywhere.  "table": per-(block, step) ratios from
+    q_table / kv_table, or from a redundancy-tier table `tiers` and the tier -> ratio maps
+    q_tiers / kv_tiers (the reference's format: a tier >= key gets that ratio).  "adaptive":
+    ditopt measures the redundancy of Q and of K/V at each matching refresh and uses the largest
+    of `levels` below the measured redundant fraction, capped by q_ratio / kv_ratio.
+    """
 
     enabled: bool = False
-    q_ratio: float = 0.0
-    kv_ratio: float = 0.0
+    q_ratio: float = 0.5  # fraction of video query tokens removed (the cap, for "adaptive")
+    kv_ratio: float = 0.3  # fraction of video key/value tokens removed
+    schedule: str = "fixed"
+    q_table: list | None = None  # [block][step] -> ratio; steps past the end use the last entry
+    kv_table: list | None = None
+    tiers: list | None = None  # [block][step] -> redundancy tier
+    q_tiers: dict = field(default_factory=dict)  # tier threshold -> ratio
+    kv_tiers: dict = field(default_factory=dict)
+    levels: tuple = (0.0, 0.25, 0.5, 0.75)  # ratios the adaptive schedule may choose
+    adaptive_threshold: float = 0.1  # relative distance below which a source counts as redundant
+    match_every: int = 5  # steps a match is reused before it is recomputed with a fresh split
+    stride: tuple = (2, 2, 2)  # (frames, height, width) of the cells that each hold one destination
+    metric: str = "euclidean"
+    reduce_mode: str = "replace"  # or "mean"
+    kv_match_on: str = "v"  # K and V share one matching, computed on V (or "k")
+    seed: int = 0
 
 
 @dataclass
@@ -68,7 +89,7 @@ class ToCaConfig:
 
 
 METHOD_SECTIONS: dict[str, type] = {"asymrnr": AsymRnRConfig, "toca": ToCaConfig, "adacache": AdaCacheConfig}
-IMPLEMENTED_METHODS = ("adacache",)
+IMPLEMENTED_METHODS = ("asymrnr", "adacache")
 
 
 @dataclass
@@ -113,11 +134,14 @@ class Config:
                     f"ditopt: method {name!r} is not implemented yet; implemented: {list(IMPLEMENTED_METHODS)}"
                 )
         _validate_adacache(self.adacache)
+        _validate_asymrnr(self.asymrnr)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["export_dir"] = str(self.export_dir) if self.export_dir else None
         out["adacache"]["codebook"] = {str(k): v for k, v in self.adacache.codebook.items()}  # JSON keys
+        for key in ("q_tiers", "kv_tiers"):
+            out["asymrnr"][key] = {str(k): v for k, v in self.asymrnr.__dict__[key].items()}
         return out
 
 
@@ -163,6 +187,12 @@ def _section(name: str, section_type: type, value: Any, base: Any):
     settings = {"enabled": True, **value}
     if "codebook" in settings and isinstance(settings["codebook"], Mapping):
         settings["codebook"] = {_threshold(k): v for k, v in settings["codebook"].items()}
+    for key in ("q_tiers", "kv_tiers"):  # tier thresholds may be JSON strings too
+        if key in settings and isinstance(settings[key], Mapping):
+            settings[key] = {_threshold(k): v for k, v in settings[key].items()}
+    for key in ("stride", "levels"):
+        if key in settings and isinstance(settings[key], list):
+            settings[key] = tuple(settings[key])
     return dataclasses.replace(base, **settings)
 
 
@@ -196,6 +226,48 @@ def _validate_adacache(cfg: AdaCacheConfig) -> None:
         raise ValueError("ditopt: adacache.first_steps must be >= 1 and last_steps >= 0")
     if cfg.num_steps is not None and cfg.num_steps < 1:
         raise ValueError("ditopt: adacache.num_steps must be a positive number of steps or None")
+
+
+def _validate_asymrnr(cfg: AsymRnRConfig) -> None:
+    _check_choice("asymrnr.schedule", cfg.schedule, ("fixed", "table", "adaptive"))
+    _check_choice("asymrnr.metric", cfg.metric, ("euclidean", "cosine", "dot"))
+    _check_choice("asymrnr.reduce_mode", cfg.reduce_mode, ("replace", "mean"))
+    _check_choice("asymrnr.kv_match_on", cfg.kv_match_on, ("k", "v"))
+    for name in ("q_ratio", "kv_ratio"):
+        _check_ratio(f"asymrnr.{name}", getattr(cfg, name))
+    for level in cfg.levels:
+        _check_ratio("asymrnr.levels", level)
+    if cfg.match_every < 1:
+        raise ValueError(f"ditopt: asymrnr.match_every must be >= 1 step, got {cfg.match_every}")
+    if len(cfg.stride) != 3 or not all(isinstance(s, int) and s >= 1 for s in cfg.stride):
+        raise ValueError(f"ditopt: asymrnr.stride must be three integers >= 1 (frames, height, width), got {cfg.stride}")
+    if cfg.schedule == "adaptive" and cfg.metric == "dot":
+        raise ValueError("ditopt: the adaptive asymrnr schedule needs metric 'euclidean' or 'cosine'")
+    if cfg.schedule == "table":
+        if cfg.tiers is not None:
+            if cfg.q_table is not None or cfg.kv_table is not None:
+                raise ValueError("ditopt: give asymrnr either tiers (+ q_tiers/kv_tiers) or q_table/kv_table, not both")
+            _check_table("asymrnr.tiers", cfg.tiers, lambda v: isinstance(v, (int, float)))
+            for name in ("q_tiers", "kv_tiers"):
+                for ratio in getattr(cfg, name).values():
+                    _check_ratio(f"asymrnr.{name}", ratio)
+        elif cfg.q_table is None and cfg.kv_table is None:
+            raise ValueError("ditopt: asymrnr.schedule 'table' needs q_table and/or kv_table, or tiers with q_tiers/kv_tiers")
+        for name in ("q_table", "kv_table"):
+            if getattr(cfg, name) is not None:
+                _check_table(f"asymrnr.{name}", getattr(cfg, name), lambda v: isinstance(v, (int, float)) and 0 <= v < 1)
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"ditopt: {name} must be a fraction of tokens removed, 0 <= ratio < 1; got {value!r}")
+
+
+def _check_table(name: str, table: Any, valid) -> None:
+    if not isinstance(table, (list, tuple)) or not table or not all(
+            isinstance(row, (list, tuple)) and row and all(valid(v) for v in row) for row in table):
+        raise ValueError(f"ditopt: {name} must be a non-empty list per block of non-empty lists per step of "
+                         f"valid values; got {table!r}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

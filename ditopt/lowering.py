@@ -25,7 +25,7 @@ from .config import Config
 @dataclass
 class Region:
     index: int
-    kind: str  # "prologue", "block", "glue" or "epilogue"
+    kind: str  # "prologue", "block", "match" (run by the runtime's planner), "glue" or "epilogue"
     block: int | None  # index into DiTStructure.blocks for block regions
     gm: fx.GraphModule
     inputs: list[str]  # names of the values it reads, in the parent graph
@@ -73,7 +73,7 @@ def plan_spans(structure: DiTStructure, regions: list[Region], slot: dict[str, i
     for span in structure.skip_spans:
         if span.id not in guarded:
             continue
-        members = [r for r in regions if r.kind == "block" and r.block in span.blocks]
+        members = [r for r in regions if r.block is not None and r.block in span.blocks]
         streams = [(slot[i], slot[o]) for i, o in span.streams]
         free = sorted({s for r in members for s in r.free_after} - {dst for _, dst in streams})
         decide_after = next((r.index for r in members if span.decide_after in r.outputs), None) \
@@ -97,19 +97,22 @@ def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Reg
                 block_at[n] = b.index
 
     body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    segments: list[tuple[int | None, list[fx.Node]]] = []
+    # A segment is (block, match tag, nodes); a token_match node and its getitems form a region of their own.
+    segments: list[tuple[int | None, str | None, list[fx.Node]]] = []
     cut = False
     for n in body:
-        blk = block_at.get(n)
-        if not segments or segments[-1][0] != blk or cut:
-            segments.append((blk, []))
-        segments[-1][1].append(n)
+        blk, tag = block_at.get(n), n.meta.get("ditopt_match_region")
+        if not segments or segments[-1][:2] != (blk, tag) or cut:
+            segments.append((blk, tag, []))
+        segments[-1][2].append(n)
         cut = bool(n.meta.get("ditopt_split_after"))  # a policy decides on this value: end the region
 
     output_node = next(n for n in graph.nodes if n.op == "output")
     regions = []
-    for i, (blk, nodes) in enumerate(segments):
-        if blk is not None:
+    for i, (blk, tag, nodes) in enumerate(segments):
+        if tag is not None:
+            kind = "match"
+        elif blk is not None:
             kind = "block"
         elif i == 0:
             kind = "prologue"

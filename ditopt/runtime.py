@@ -119,7 +119,7 @@ class Runtime:
 
     def __init__(self, structure: DiTStructure, regions: list[Region], template: Any, config: Config,
                  timestep_slot: int | None, spans: list[SpanPlan], probe_slots: dict[str, int],
-                 policies: list[SkipPolicy], report: dict):
+                 policies: list[SkipPolicy], report: dict, planner=None):
         self.structure = structure
         self.regions = regions
         self.template = template
@@ -136,7 +136,11 @@ class Runtime:
         self._block_ends = {r.index for r in regions
                             if r.kind == "block" and (r.index + 1 == len(regions) or regions[r.index + 1].block != r.block)}
         self.policies = policies
+        self.planner = planner  # AsymRnR's MatchPlanner: runs the "match" regions
         self.report = report
+        # A region that reads a match plan compiles one variant per reduced length: key its code by those.
+        match_slots = {s for r in regions if r.kind == "match" for s in r.output_slots}
+        self._plan_inputs = {r.index: [i for i, s in enumerate(r.input_slots) if s in match_slots] for r in regions}
         self.clock = StepClock()
         self.variants = VariantCache(config)
         self.num_slots = max((s for r in regions for s in r.output_slots), default=0) + 1
@@ -147,6 +151,7 @@ class Runtime:
     # -- execution -----------------------------------------------------------
 
     def __call__(self, *args):
+        """One forward of the model's graph: the same arguments and result as the graph Dynamo traced."""
         if not _FLOP_TALLIES:
             return self._run(*args)
         from torch.utils.flop_counter import FlopCounterMode
@@ -181,7 +186,11 @@ class Runtime:
                 else:
                     pending = span
             region = self.regions[i]
-            outputs = self.run_region(region, [values[s] for s in region.input_slots])
+            inputs = [values[s] for s in region.input_slots]
+            if region.kind == "match":
+                outputs = self.planner.plan(region.index, inputs[0], stream)
+            else:
+                outputs = self.run_region(region, inputs)
             for s, v in zip(region.output_slots, outputs):
                 values[s] = v
             for s in region.free_after:
@@ -221,9 +230,11 @@ class Runtime:
 
     def run_region(self, region: Region, inputs: list) -> list:
         """Run a region's compiled code (compiled on first use, shared between identical regions)."""
-        fn = self._fns.get(region.index)
+        plan_inputs = self._plan_inputs[region.index]
+        key = (region.index, *(inputs[p].shape[-1] for p in plan_inputs)) if plan_inputs else region.index
+        fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[region.index] = self.variants.get(region, inputs)
+            fn = self._fns[key] = self.variants.get(region, inputs)
         return fn(*inputs)
 
     # -- inspection ----------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.fx as fx
 from ditopt.analysis import DiTStructure, analyze
 from ditopt.config import Config
 
-from . import adacache, remove_inference_noops
+from . import adacache, asymrnr, remove_inference_noops
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Pass:
 
 PIPELINE: tuple[Pass, ...] = (
     Pass("remove_inference_noops", remove_inference_noops.run, lambda c: True, reanalyze=True),
+    Pass("asymrnr", asymrnr.run, lambda c: c.asymrnr.enabled),
     Pass("adacache", adacache.run, lambda c: c.adacache.enabled),
 )
 

@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Without a GPU, ditopt's Triton kernels are tested in Triton's interpreter. The variable must be set
+# before the kernels are defined (triton.jit reads it), so before ditopt is imported. On a GPU machine,
+# TRITON_INTERPRET=0 compiles them for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tests run on two cores next to other work; keep thread counts predictable.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

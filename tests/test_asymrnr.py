@@ -1,0 +1,396 @@
+"""AsymRnR: kernels against their references, the split and selection, the pass, the runtime's cache and schedules."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ditopt
+from ditopt import Config
+from ditopt import token_matching as tm
+from ditopt.analysis import analyze, sdpa_qkv
+from ditopt.asymrnr import RatioSchedule, tiers_to_ratios
+from ditopt.kernels import gather, matching
+from ditopt.bench import euler_loop
+from ditopt.models import build, call
+from ditopt.passes import asymrnr as asymrnr_pass
+from ditopt.passes import remove_inference_noops
+
+from conftest import capture_graphs, compile_ditopt
+
+ops = torch.ops.ditopt
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                 reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+# ---------------------------------------------------------------------------
+# kernels
+
+
+@interpreted
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), n=st.integers(2, 150), d=st.sampled_from([8, 12, 16, 40, 64]),
+       metric=st.sampled_from(matching.METRICS), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       data=st.data())
+def test_matching_kernel_equals_reference(b, h, n, d, metric, dtype, data):
+    n_dst = data.draw(st.integers(1, n - 1))
+    gen = torch.Generator().manual_seed(n * 31 + d)
+    x = torch.randn(b, h, n, d, generator=gen).to(dtype).to(DEVICE)
+    perm = torch.randperm(n, generator=gen)
+    dst, src = perm[:n_dst].sort().values.to(DEVICE), perm[n_dst:].sort().values.to(DEVICE)
+    near_k, dist_k = matching.nearest_destination_triton(x, src, dst, metric)
+    near_r, dist_r = matching.nearest_destination_reference(x, src, dst, metric)
+    tol = 1e-4 * (1 + dist_r.abs())
+    assert torch.all((dist_k - dist_r).abs() <= tol)
+    # the kernel's choice is a true minimum (near-ties may resolve to either destination)
+    chosen = _distance_to(x, src, dst[near_k], metric)
+    assert torch.all((chosen - dist_r).abs() <= tol)
+    assert torch.equal(near_k, near_r) or (near_k != near_r).float().mean() < 0.05
+
+
+def _distance_to(x, src, chosen_dst, metric):
+    """d(x[src_j], x[chosen_dst_j]) per (b, h, j), computed directly."""
+    xs = x[:, :, src].float()
+    xd = torch.gather(x.float(), 2, chosen_dst.unsqueeze(-1).expand(*chosen_dst.shape, x.shape[-1]))
+    if metric == "euclidean":
+        return (xs - xd).pow(2).sum(-1)
+    dot = (xs * xd).sum(-1)
+    if metric == "cosine":
+        return -dot / (xs.norm(dim=-1) * xd.norm(dim=-1) + 1e-12)
+    return -dot
+
+
+@interpreted
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 3), s=st.integers(1, 70), d=st.integers(1, 150),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), data=st.data())
+def test_gather_kernel_equals_reference(b, h, s, d, dtype, data):
+    k = data.draw(st.integers(1, 2 * s))
+    x = torch.randn(b, h, s, d).to(dtype).to(DEVICE)
+    index = torch.randint(0, s, (b, h, k)).to(DEVICE)
+    if data.draw(st.booleans()):  # non-contiguous input, as q/k/v after a transpose are
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(gather.gather_tokens_triton(x, index), gather.gather_tokens_reference(x, index))
+
+
+def test_merge_is_the_mean_of_each_kept_token_and_its_reduced_sources():
+    x = torch.arange(12.0).view(1, 1, 6, 2)
+    keep = torch.tensor([[[0, 3]]])
+    source = torch.tensor([[[0, 0, 1, 1, 1, 0]]])  # tokens 1, 5 into token 0; 2, 4 into token 3
+    out = ops.merge(x, keep, source)
+    assert torch.equal(out[0, 0, 0], x[0, 0, [0, 1, 5]].mean(0))
+    assert torch.equal(out[0, 0, 1], x[0, 0, [2, 3, 4]].mean(0))
+
+
+@pytest.mark.parametrize("name", ["merge", "nearest_destination", "token_match"])
+def test_opcheck(name):
+    x = torch.randn(2, 3, 24, 8)
+    args = {
+        "merge": (x, torch.tensor([[[0, 5, 9]] * 3] * 2), torch.randint(0, 3, (2, 3, 24))),
+        "nearest_destination": (x, torch.arange(4, 24), torch.arange(4), "cosine"),
+        "token_match": (x, 0.5, [2, 3, 4], [2, 2, 2], "euclidean", 0),
+    }[name]
+    torch.library.opcheck(getattr(ops, name).default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------
+# split and selection
+
+grids = st.tuples(st.integers(1, 5), st.integers(1, 7), st.integers(1, 7))
+strides = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(grid=grids, stride=strides, seed=st.integers(0, 1000))
+def test_split_puts_one_destination_in_each_full_cell(grid, stride, seed):
+    dst, src = tm.split_grid(grid, stride, seed)
+    F_, H, W = grid
+    sf, sh, sw = tm.effective_stride(grid, stride)
+    assert torch.equal(torch.cat([dst, src]).sort().values, torch.arange(F_ * H * W))
+    f, h, w = dst // (H * W), (dst // W) % H, dst % W
+    cells = set(zip((f // sf).tolist(), (h // sh).tolist(), (w // sw).tolist()))
+    assert len(cells) == dst.numel() == tm.num_destinations(grid, stride)
+    assert all(c[0] < F_ // sf and c[1] < H // sh and c[2] < W // sw for c in cells)  # never in the ragged border
+
+
+@settings(max_examples=60, deadline=None)
+@given(grid=grids, stride=strides, ratio=st.floats(0, 0.95), b=st.integers(1, 2), h=st.integers(1, 3),
+       seed=st.integers(0, 100))
+def test_selection_reduces_the_most_similar_sources_into_their_destinations(grid, stride, ratio, b, h, seed):
+    n = math.prod(grid)
+    x = torch.randn(b, h, n, 6, generator=torch.Generator().manual_seed(seed))
+    dst, src = tm.split_grid(grid, stride, seed)
+    nearest, distance = matching.nearest_destination_reference(x, src, dst)
+    keep, source = tm.select_tokens(nearest, distance, dst, src, n, ratio)
+    kept_len = tm.reduced_length(n, dst.numel(), ratio)
+    assert keep.shape == (b, h, kept_len) and source.shape == (b, h, n)
+    assert torch.all(keep[..., 1:] > keep[..., :-1])  # ascending, unique
+    assert torch.all(torch.isin(dst, keep[0, 0]))  # every destination is kept
+    rows = torch.gather(keep, 2, source)  # the token each token's row stands for
+    is_kept = torch.zeros(b, h, n, dtype=torch.bool).scatter_(2, keep, True)
+    assert torch.equal(rows[is_kept], torch.arange(n).expand(b, h, n)[is_kept])
+    src_pos = {t: i for i, t in enumerate(src.tolist())}
+    for bi in range(b):
+        for hi in range(h):
+            reduced = [t for t in range(n) if not is_kept[bi, hi, t]]
+            for t in reduced:  # reduced into its nearest destination
+                assert int(rows[bi, hi, t]) == int(dst[nearest[bi, hi, src_pos[t]]])
+            if reduced:  # and no kept source is more similar than a reduced one
+                kept_src = [src_pos[t] for t in src.tolist() if is_kept[bi, hi, t]]
+                if kept_src:
+                    assert distance[bi, hi, [src_pos[t] for t in reduced]].max() <= distance[bi, hi, kept_src].min()
+
+
+def test_ratio_zero_plan_is_the_identity():
+    x = torch.randn(2, 2, 48, 8)
+    keep, source = ops.token_match(x, 0.0, [3, 4, 4], [2, 2, 2], "euclidean", 0)
+    assert torch.equal(keep, torch.arange(48).expand(2, 2, 48)) and torch.equal(source, keep)
+
+
+# ---------------------------------------------------------------------------
+# the pass, on traced models
+
+
+def _rewritten(family, **asymrnr):
+    case = build(family)
+    inputs = case.inputs(batch=2)
+    gm = capture_graphs(case.model, inputs)[0]
+    cfg = Config.from_options({"preset": "lossless", "asymrnr": asymrnr, "lowering": "eager"})
+    structure = analyze(gm)
+    gm = remove_inference_noops.run(gm, structure, cfg).gm
+    structure = analyze(gm)
+    args = gm.example_inputs
+    with torch.no_grad():
+        reference = gm(*args)
+    result = asymrnr_pass.run(gm, structure, cfg)
+    return result, args, reference
+
+
+def _values(gm, args):
+    """Every node's value in one run of gm (the pass's graph, token_match run standalone)."""
+    values = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n] = super().run_node(n)
+            return values[n]
+
+    with torch.no_grad():
+        Recorder(gm).run(*args)
+    return values
+
+
+@pytest.mark.parametrize("family, sites", [("cogvideox", 2), ("wan", 2), ("hunyuanvideo", 4), ("ltx", 2),
+                                           ("latte", 2), ("pixart", 2), ("dit", 2), ("stdit", 2)])
+def test_pass_counts_rewritten_sites_and_ratio_zero_is_exact(family, sites):
+    result, args, reference = _rewritten(family, q_ratio=0.0, kv_ratio=0.0)
+    assert len(result.report["rewritten"]) == sites
+    assert len([n for n in result.gm.graph.nodes if n.target is ops.token_match.default]) == 2 * sites
+    with torch.no_grad():
+        assert torch.equal(result.gm(*args)[0], reference[0])
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuanvideo"])  # text first / text last with a key mask
+def test_reduced_query_token_output_equals_its_destinations(family):
+    result, args, _ = _rewritten(family, q_ratio=0.6, kv_ratio=0.0)
+    values = _values(result.gm, args)
+    for node in result.gm.graph.nodes:
+        if node.target is not ops.restore.default:
+            continue
+        restored, source = values[node], values[node.args[1]]
+        match = node.args[1].args[0]
+        keep = values[match][0]
+        token = torch.gather(keep, 2, source)  # the token whose output each token now carries
+        assert (token != torch.arange(source.shape[-1])).any()  # something was reduced
+        expected = torch.gather(restored, 2, token.unsqueeze(-1).expand_as(restored))
+        assert torch.equal(restored, expected)
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuanvideo", "wan"])
+def test_kv_reduction_in_replace_mode_is_attention_over_the_kept_keys(family):
+    result, args, _ = _rewritten(family, q_ratio=0.0, kv_ratio=0.5)
+    values = _values(result.gm, args)
+    checked = 0
+    for site in result.report["rewritten"]:
+        sdpa = next(n for n in result.gm.graph.nodes if n.target is F.scaled_dot_product_attention
+                    and _site_of(n) == site["site"])
+        q, k, v = (values[a] for a in sdpa_qkv(sdpa))
+        reduce_k, reduce_v = (_find(a, ops.reduce.default) for a in sdpa_qkv(sdpa)[1:])
+        video_k, video_v = values[reduce_k.args[0]], values[reduce_v.args[0]]
+        keep = values[reduce_k.args[1]]
+        assert reduce_v.args[1] is reduce_k.args[1]  # K and V share one match
+        new_mask = sdpa.kwargs.get("attn_mask")
+        mask = values[_find(new_mask, torch.Tensor.expand).args[0]] if new_mask is not None else None
+        pre, post, n = site["text_before"], site["text_after"], site["tokens"]
+        assert keep.shape[-1] == tm.reduced_length(n, tm.num_destinations(site["grid"], site["stride"]), 0.5)
+        for bi in range(q.shape[0]):
+            for hi in range(q.shape[1]):
+                idx = keep[bi, hi]
+                kk = torch.cat([k[bi, hi, :pre], video_k[bi, hi, idx], k[bi, hi, pre + len(idx):]])
+                vv = torch.cat([v[bi, hi, :pre], video_v[bi, hi, idx], v[bi, hi, pre + len(idx):]])
+                cols = None
+                if mask is not None:
+                    m = mask[bi, 0, 0]
+                    cols = torch.cat([m[:pre], m[pre:pre + n][idx], m[pre + n:]])[None]
+                expected = F.scaled_dot_product_attention(q[bi, hi][None], kk[None], vv[None], attn_mask=cols)[0]
+                assert torch.allclose(values[sdpa][bi, hi], expected, atol=1e-5)
+        checked += 1
+    assert checked == len(result.report["rewritten"]) > 0
+
+
+def _find(node, target):
+    """The nearest node with `target` among node and its ancestors (breadth first)."""
+    frontier = [node]
+    while frontier:
+        n = frontier.pop(0)
+        if n.target is target:
+            return n
+        frontier.extend(n.all_input_nodes)
+    raise AssertionError(f"no {target} above {node}")
+
+
+def _site_of(node):
+    from ditopt.analysis import module_path
+
+    return module_path(node)
+
+
+def test_pass_reports_why_sites_are_left_alone():
+    result, _, _ = _rewritten("latte", q_ratio=0.5)
+    reasons = {s["reason"].split(" (")[0] for s in result.report["skipped"]}
+    assert reasons == {"cross attention", "temporal attention"}
+
+
+# ---------------------------------------------------------------------------
+# runtime: the matching cache, schedules, variants
+
+
+def _loop(model, inputs, steps, fn):
+    return euler_loop(inputs, steps, "hidden_states", call)(fn)
+
+
+def test_match_is_reused_for_match_every_steps_and_reset_per_generation():
+    case = build("cogvideox")
+    inputs = case.inputs(batch=1)
+    fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "kv_ratio": 0.3, "match_every": 3})
+    _loop(case.model, inputs, 7, fn)
+    _loop(case.model, inputs, 7, fn)  # the timestep goes back up: a new generation
+    gens = [g for g in ditopt.stats(case.model)["generations"]]
+    assert len(gens) == 2
+    sites = 2 * 2  # 2 blocks x (q, kv)
+    for g in gens:
+        assert g["asymrnr"]["matchings"] == sites * math.ceil(7 / 3)  # steps 0, 3, 6
+        assert g["asymrnr"]["reused"] == sites * 7 - g["asymrnr"]["matchings"]
+
+
+def test_batch_or_dtype_change_never_reuses_a_stale_match():
+    from ditopt.asymrnr import MatchPlanner, MatchSite
+    from ditopt.runtime import StepClock
+
+    cfg = Config.from_options({"asymrnr": {"q_ratio": 0.5, "match_every": 50}}).asymrnr
+    planner = MatchPlanner(cfg, {0: MatchSite(0, "attn", "q", (2, 4, 4), (2, 2, 2), "euclidean", (0, 1))}, 1)
+    clock = StepClock()
+    for t, x in ((900.0, torch.randn(1, 2, 32, 8)), (800.0, torch.randn(2, 2, 32, 8)),
+                 (700.0, torch.randn(2, 2, 32, 8).double()), (600.0, torch.randn(2, 2, 32, 8).double())):
+        stream = clock.observe(t)
+        keep, source = planner.plan(0, x, stream)
+        assert keep.shape[0] == source.shape[0] == x.shape[0]
+    assert stream.stats.method["asymrnr"]["matchings"] == 3  # batch 1, batch 2, float64; then reused
+
+
+def test_streams_keep_separate_matches():
+    case = build("cogvideox")
+    inputs = case.inputs(batch=1)
+    fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "match_every": 2})
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0):
+            for _ in range(2):  # cond and uncond at the same timestep
+                call(fn, {**inputs, "timestep": torch.tensor([t])})
+    gens = ditopt.stats(case.model)["generations"]
+    assert sorted(g["stream"] for g in gens) == [0, 1]
+    assert all(g["asymrnr"]["matchings"] == 4 * 2 for g in gens)  # steps 0 and 2 of each stream
+
+
+def test_schedule_changing_ratios_over_50_steps_never_recompiles():
+    case = build("cogvideox")
+    inputs = case.inputs(batch=1)
+    levels = [0.0, 0.25, 0.5]
+    q_table = [[levels[(s + b) % 3] for s in range(50)] for b in range(2)]
+    kv_table = [[levels[(s // 5) % 2] for s in range(50)] for b in range(2)]
+    torch._dynamo.utils.counters.clear()
+    fn = compile_ditopt(case.model, asymrnr={"schedule": "table", "q_table": q_table, "kv_table": kv_table})
+    _loop(case.model, inputs, 50, fn)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    runtime = ditopt.runtime.runtimes_of(case.model)[0]
+    block_keys = {k for k in runtime._fns if isinstance(k, tuple)}
+    assert len({k[1:] for k in block_keys}) <= 3 * 2  # at most one variant per (q level, kv level)
+    g = ditopt.stats(case.model)["generations"][-1]
+    assert g["asymrnr"]["q_plans"] == 100 and abs(g["asymrnr"]["q_ratio_sum"] - sum(map(sum, q_table))) < 1e-9
+
+
+def test_tier_maps_follow_the_reference_format():
+    assert tiers_to_ratios([[5, 6, 7, 9]], {6: 0.4, 7: 0.8}) == [[0.0, 0.4, 0.8, 0.8]]
+    cfg = Config.from_options({"asymrnr": {"schedule": "table", "tiers": [[6, 8]], "q_tiers": {"6": 0.4},
+                                           "kv_tiers": {8: 0.3}}}).asymrnr
+    s = RatioSchedule(cfg, num_blocks=1)
+    assert [s.ratio(0, step, "q", None) for step in (0, 1, 5)] == [0.4, 0.4, 0.4]
+    assert [s.ratio(0, step, "kv", None) for step in (0, 1)] == [0.0, 0.3]
+    with pytest.raises(ValueError, match="one row per block"):
+        RatioSchedule(cfg, num_blocks=2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(fraction=st.floats(0, 1), cap=st.sampled_from([0.0, 0.3, 0.5, 0.75, 0.9]))
+def test_adaptive_level_is_the_largest_level_under_measurement_and_cap(fraction, cap):
+    cfg = Config.from_options({"asymrnr": {"schedule": "adaptive", "q_ratio": cap}}).asymrnr
+    level = RatioSchedule(cfg, 1).level_for(fraction, "q")
+    assert level in (0.0, *cfg.levels) and level <= min(fraction, cap) + 1e-9
+    assert all(lv > min(fraction, cap) + 1e-9 or lv <= level for lv in cfg.levels)
+
+
+def test_adaptive_schedule_reduces_redundant_tokens_and_not_distinct_ones():
+    """Copies of a few tokens are redundant; independent random tokens are not."""
+    from ditopt.asymrnr import MatchPlanner, MatchSite
+    from ditopt.runtime import StepClock
+
+    cfg = Config.from_options({"asymrnr": {"schedule": "adaptive", "q_ratio": 0.75}}).asymrnr
+    site = MatchSite(0, "attn", "q", (2, 4, 4), (2, 2, 2), "euclidean", (0, 1))
+    planner = MatchPlanner(cfg, {0: site}, 1)
+    distinct = torch.randn(1, 2, 32, 16)
+    dst, _ = tm.split_grid((2, 4, 4), (2, 2, 2), cfg.seed)
+    redundant = distinct.clone()
+    redundant[:, :, :] = distinct[:, :, dst[torch.arange(32) % dst.numel()]] + 0.01 * torch.randn(1, 2, 32, 16)
+    kept = []
+    for x in (distinct, redundant):
+        stream = StepClock().observe(1.0)
+        kept.append(planner.plan(0, x, stream)[0].shape[-1])
+    assert kept[0] == 32 and kept[1] == 8  # 0.75 of 32 tokens removed
+
+
+def test_unsupported_schedule_inputs_are_refused_clearly():
+    with pytest.raises(ValueError, match="0 <= ratio < 1"):
+        Config.from_options({"asymrnr": {"q_ratio": 1.0}})
+    with pytest.raises(ValueError, match="needs q_table"):
+        Config.from_options({"asymrnr": {"schedule": "table"}})
+    with pytest.raises(ValueError, match="metric 'euclidean' or 'cosine'"):
+        Config.from_options({"asymrnr": {"schedule": "adaptive", "metric": "dot"}})
+    case = build("cogvideox")
+    fn = compile_ditopt(case.model, asymrnr={"schedule": "table", "q_table": [[0.5]]})
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="one row per block"):  # Dynamo wraps it
+        call(fn, case.inputs())
+
+
+@pytest.mark.inductor
+def test_inductor_lowering_matches_eager_lowering_under_reduction():
+    case = build("cogvideox")
+    inputs = case.inputs(batch=2)
+    opts = {"asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.5}}
+    eager = _loop(case.model, inputs, 3, compile_ditopt(case.model, **opts))
+    torch._dynamo.reset()
+    ditopt.reset(case.model)
+    fn = torch.compile(case.model, backend="ditopt", options={"preset": "lossless", **opts})
+    assert torch.allclose(_loop(case.model, inputs, 3, fn), eager, atol=1e-4)
