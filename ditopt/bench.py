@@ -23,6 +23,11 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 from .metrics import psnr, ssim
 
 PRESET_CONFIGS = ("lossless", "quality", "balanced", "fast")
+# Single methods by name, on top of full compute.
+METHOD_CONFIGS = {
+    "asymrnr": {"preset": "lossless", "asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.5}},
+    "asymrnr-adaptive": {"preset": "lossless", "asymrnr": {"schedule": "adaptive", "q_ratio": 0.75, "kv_ratio": 0.5}},
+}
 # FasterCache is left out: with diffusers 0.42 its unconditional-branch hook fails with a shape error
 # on WanTransformer3DModel under batched CFG (docs/benchmarks.md).
 PEERS = ("fbcache", "pab", "taylorseer")
@@ -58,6 +63,9 @@ class Result:
     ssim: float | None
     blocks_skipped_fraction: float | None
     peak_memory_mb: float | None
+    attention_gflops: float | None = None  # FLOPs in attention cores, per generation
+    matching_gflops: float | None = None  # AsymRnR's matching (counted apart: FlopCounterMode sees its reference)
+    video_attention_fraction: float | None = None  # video-video attention pairs left by AsymRnR
 
 
 def compile_config(model: torch.nn.Module, name: str, lowering: str = "inductor"):
@@ -68,10 +76,13 @@ def compile_config(model: torch.nn.Module, name: str, lowering: str = "inductor"
         return model if lowering == "eager" else torch.compile(model, backend="inductor")
     if name in PRESET_CONFIGS:
         options = {"preset": name, "lowering": lowering}
+    elif name in METHOD_CONFIGS:
+        options = {**METHOD_CONFIGS[name], "lowering": lowering}
     elif name.startswith("ditopt:"):
         options = {**json.loads(name[len("ditopt:"):]), "lowering": lowering}
     else:
         raise ValueError(f"unknown configuration {name!r}: use eager, inductor, {', '.join(PRESET_CONFIGS)}, "
+                         f"{', '.join(METHOD_CONFIGS)}, "
                          f"ditopt:<options as JSON>, or a diffusers peer: {', '.join(PEERS)}")
     return torch.compile(model, backend="ditopt", options=options)
 
@@ -147,12 +158,13 @@ def measure(
                 out = generate(fn)
                 times.append(time.perf_counter() - start)
             skipped = _skipped_fraction(model) if name not in ("eager", "inductor", *PEERS) else None
+            asym = _asymrnr_figures(model) if name not in ("eager", "inductor", *PEERS) else None
         finally:
             cleanup()
         steady = min(times)
         if name in ("eager", "inductor") and reference_out is None:
             reference_out = out
-        gflops = count_generation_flops(model, name, generate) / 1e9 if flops else None
+        gflops, attention = (x / 1e9 for x in count_generation_flops(model, name, generate)) if flops else (None, None)
         if gflops is not None and name in ("eager", "inductor") and reference_flops is None:
             reference_flops = gflops
         results.append(Result(
@@ -164,6 +176,8 @@ def measure(
             ssim=None if reference_out is None else round(ssim(out, reference_out), 4),
             blocks_skipped_fraction=None if skipped is None else round(skipped, 4),
             peak_memory_mb=_peak_memory_mb(),
+            attention_gflops=None if attention is None else round(attention, 3),
+            matching_gflops=asym and round(asym[0], 4), video_attention_fraction=asym and asym[1],
         ))
         raw.append((name, steady, gflops))
     times = {name: steady for name, steady, _ in raw}
@@ -177,15 +191,15 @@ def measure(
     return results
 
 
-def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable) -> int:
-    """FLOPs of one generation under a configuration.
+def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable) -> tuple[int, int]:
+    """FLOPs of one generation under a configuration: (total, of which in attention cores).
 
     Full compute and diffusers' peers run eagerly under FlopCounterMode. ditopt configurations run
     with the eager lowering (same decisions) and are counted from inside the runtime
     (`ditopt.runtime.count_flops`), since Dynamo bypasses compiled code while a dispatch mode is active.
     """
     import ditopt
-    from ditopt.runtime import count_flops
+    from ditopt.runtime import attention_flops, count_flops
 
     torch._dynamo.reset()
     ditopt.reset(model)
@@ -197,12 +211,12 @@ def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable
                 counter = FlopCounterMode(display=False)
                 with counter:
                     generate(fn)
-                return counter.get_total_flops()
+                return counter.get_total_flops(), attention_flops(counter)
             generate(fn)  # compiles: Dynamo must not see a dispatch mode while it traces
             ditopt.reset(model)
             with count_flops() as tally:
                 generate(fn)
-            return tally.flops
+            return tally.flops, tally.attention
     finally:
         cleanup()
 
@@ -214,6 +228,20 @@ def _skipped_fraction(model) -> float:
     computed = sum(g["blocks_computed"] for g in gens)
     skipped = sum(g["blocks_skipped"] for g in gens)
     return skipped / (computed + skipped) if computed + skipped else 0.0
+
+
+def _asymrnr_figures(model) -> tuple[float, float] | None:
+    """(matching GFLOPs, video-video attention fraction) of the last generation, if AsymRnR ran."""
+    import ditopt
+
+    gens = [g for g in ditopt.stats(model)["generations"] if "asymrnr" in g]
+    if not gens:
+        return None
+    last = max(g["generation"] for g in gens)
+    gens = [g for g in gens if g["generation"] == last]
+    pairs = sum(g["asymrnr"]["video_pairs"] for g in gens)
+    full = sum(g["asymrnr"]["video_pairs_full"] for g in gens)
+    return sum(g["asymrnr"]["matching_gflops"] for g in gens), round(pairs / max(1, full), 4)
 
 
 def _peak_memory_mb() -> float | None:
@@ -246,7 +274,8 @@ def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) 
 
 def to_markdown(results: list[Result], title: str) -> str:
     cols = ["config", "how", "seconds_per_generation", "speedup_vs_inductor", "speedup_vs_eager", "compile_seconds",
-            "gflops_per_generation", "flop_ratio", "psnr_db", "ssim", "blocks_skipped_fraction", "peak_memory_mb"]
+            "gflops_per_generation", "flop_ratio", "attention_gflops", "matching_gflops", "video_attention_fraction",
+            "psnr_db", "ssim", "blocks_skipped_fraction", "peak_memory_mb"]
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         row = asdict(r)

@@ -159,8 +159,10 @@ class Runtime:
         counter = FlopCounterMode(display=False)
         with counter:
             out = self._run(*args)
+        attention = attention_flops(counter)
         for tally in _FLOP_TALLIES:
             tally.flops += counter.get_total_flops()
+            tally.attention += attention
         return out
 
     def _run(self, *args):
@@ -261,6 +263,12 @@ class Runtime:
 @dataclass
 class FlopTally:
     flops: int = 0
+    attention: int = 0  # of which in attention cores (scaled-dot-product ops)
+
+
+def attention_flops(counter) -> int:
+    """The FLOPs a FlopCounterMode counted in scaled-dot-product attention ops."""
+    return sum(n for op, n in counter.get_flop_counts().get("Global", {}).items() if "scaled_dot_product" in str(op))
 
 
 _FLOP_TALLIES: list[FlopTally] = []

@@ -38,7 +38,7 @@ def timed(fn, args, label):
 
 
 def count_flops(model, config, args):
-    return count_generation_flops(model, config, lambda fn: generate(fn, args, f"FLOPs {config}"))
+    return count_generation_flops(model, config, lambda fn: generate(fn, args, f"FLOPs {config}"))[0]
 
 
 def write_gif(full, fast, path: Path, scale: int = 8):

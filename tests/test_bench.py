@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from ditopt import bench, models
@@ -27,8 +28,6 @@ def test_bench_measures_every_configuration_and_writes_json(tmp_path):
 
 
 def test_unknown_configuration_lists_the_valid_ones():
-    import pytest
-
     with pytest.raises(ValueError, match="use eager, inductor, lossless"):
         bench.compile_config(torch.nn.Linear(2, 2), "turbo")
 
@@ -38,4 +37,14 @@ def test_runtime_flop_count_of_lossless_equals_the_eager_count():
     generate = bench.euler_loop(case.inputs(1, 0), 3, "hidden_states", models.call)
     eager = bench.count_generation_flops(case.model, "eager", generate)
     lossless = bench.count_generation_flops(case.model, "lossless", generate)
-    assert eager > 0 and lossless == eager
+    assert eager[0] > eager[1] > 0 and lossless == eager  # (total, attention) equal
+
+
+def test_attention_flops_fall_to_the_kept_pairs_under_asymrnr():
+    case = models.build("cogvideox")
+    generate = bench.euler_loop(case.inputs(1, 0), 2, "hidden_states", models.call)
+    name = 'ditopt:{"preset": "lossless", "asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.5}}'
+    full, reduced = (bench.count_generation_flops(case.model, c, generate)[1] for c in ("eager", name))
+    # tiny CogVideoX: 2 x 8 x 8 latent -> 32 video tokens (4 x 4 x 2), 8 text tokens first, both attend jointly
+    n, text, kept = 32, 8, 16
+    assert reduced / full == pytest.approx((text + kept) ** 2 / (text + n) ** 2)
