@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -154,11 +155,12 @@ def measure(
             times = []
             for _ in range(repeats):
                 ditopt.reset(model)
+                seen = len(ditopt.stats(model)["generations"])
                 start = time.perf_counter()
                 out = generate(fn)
                 times.append(time.perf_counter() - start)
             skipped = _skipped_fraction(model) if name not in ("eager", "inductor", *PEERS) else None
-            asym = _asymrnr_figures(model) if name not in ("eager", "inductor", *PEERS) else None
+            asym = _asymrnr_figures(model, seen) if name not in ("eager", "inductor", *PEERS) else None
         finally:
             cleanup()
         steady = min(times)
@@ -230,15 +232,14 @@ def _skipped_fraction(model) -> float:
     return skipped / (computed + skipped) if computed + skipped else 0.0
 
 
-def _asymrnr_figures(model) -> tuple[float, float] | None:
-    """(matching GFLOPs, video-video attention fraction) of the last generation, if AsymRnR ran."""
+def _asymrnr_figures(model, seen: int) -> tuple[float, float] | None:
+    """(matching GFLOPs, video-video attention fraction) of the last run (generations after the first
+    `seen`), if AsymRnR ran."""
     import ditopt
 
-    gens = [g for g in ditopt.stats(model)["generations"] if "asymrnr" in g]
+    gens = [g for g in ditopt.stats(model)["generations"][seen:] if "asymrnr" in g]
     if not gens:
         return None
-    last = max(g["generation"] for g in gens)
-    gens = [g for g in gens if g["generation"] == last]
     pairs = sum(g["asymrnr"]["video_pairs"] for g in gens)
     full = sum(g["asymrnr"]["video_pairs_full"] for g in gens)
     return sum(g["asymrnr"]["matching_gflops"] for g in gens), round(pairs / max(1, full), 4)
@@ -283,7 +284,54 @@ def to_markdown(results: list[Result], title: str) -> str:
     return "\n".join(lines)
 
 
+def to_svg(results: list[Result], title: str, width: int = 640, height: int = 420) -> str:
+    """Speed-up against Inductor (y) over PSNR against full compute (x), one labelled point per config.
+
+    Full compute itself (infinite PSNR) is drawn as the dashed line at speed-up 1.  Plain SVG: no
+    plotting package is needed."""
+    points = [(r.psnr_db, r.speedup_vs_inductor, r.config) for r in results
+              if r.psnr_db is not None and r.speedup_vs_inductor is not None and math.isfinite(r.psnr_db)]
+    left, right, top, bottom = 60, 20, 40, 50
+    xs = [p[0] for p in points] or [0.0, 1.0]
+    ys = [p[1] for p in points] + [1.0]
+    x0, x1 = math.floor(min(xs)) - 1, math.ceil(max(xs)) + 1
+    y0, y1 = 0.0, math.ceil(max(ys) * 2 + 0.5) / 2
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def py(y):
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{_xml(title)}</text>',
+           f'<line x1="{left}" y1="{py(y0)}" x2="{width - right}" y2="{py(y0)}" stroke="black"/>',
+           f'<line x1="{left}" y1="{py(y0)}" x2="{left}" y2="{top}" stroke="black"/>',
+           f'<line x1="{left}" y1="{py(1)}" x2="{width - right}" y2="{py(1)}" stroke="grey" stroke-dasharray="4"/>',
+           f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">PSNR against full compute (dB)</text>',
+           f'<text x="16" y="{height / 2}" text-anchor="middle" transform="rotate(-90 16 {height / 2})">'
+           f'speed-up against Inductor</text>']
+    for x in range(int(x0), int(x1) + 1, max(1, (int(x1) - int(x0)) // 8)):
+        out.append(f'<text x="{px(x)}" y="{py(y0) + 16}" text-anchor="middle">{x}</text>')
+    y = y0
+    while y <= y1 + 1e-9:
+        out.append(f'<text x="{left - 6}" y="{py(y) + 4}" text-anchor="end">{y:g}</text>')
+        y += 0.5
+    for x, y, name in points:
+        out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="#1f77b4"/>')
+        out.append(f'<text x="{px(x) + 6:.1f}" y="{py(y) - 6:.1f}">{_xml(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
 def write(results: list[Result], out_dir: Path, title: str) -> None:
+    """bench.json, bench.md (the table) and bench.svg (speed-up against PSNR) in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     (out_dir / "bench.md").write_text(to_markdown(results, title) + "\n")
+    (out_dir / "bench.svg").write_text(to_svg(results, title) + "\n")

@@ -48,3 +48,18 @@ def test_attention_flops_fall_to_the_kept_pairs_under_asymrnr():
     # tiny CogVideoX: 2 x 8 x 8 latent -> 32 video tokens (4 x 4 x 2), 8 text tokens first, both attend jointly
     n, text, kept = 32, 8, 16
     assert reduced / full == pytest.approx((text + kept) ** 2 / (text + n) ** 2)
+
+
+def test_plot_has_one_point_per_measured_configuration():
+    import xml.etree.ElementTree as ET
+
+    def row(name, speedup, db):
+        return bench.Result(name, "x", 1.0, speedup, None, 0.0, None, None, db, None, None, None)
+
+    rows = [row("inductor", 1.0, math.inf), row("fast", 2.9, 24.8), row("a<b", 1.4, 37.8), row("eager", None, 99.0)]
+    svg = ET.fromstring(bench.to_svg(rows, "fixture"))
+    circles = svg.findall("{http://www.w3.org/2000/svg}circle")
+    labels = [t.text for t in svg.findall("{http://www.w3.org/2000/svg}text")]
+    assert len(circles) == 2 and "fast" in labels and "a<b" in labels
+    # higher speed-up is drawn higher (smaller y)
+    assert float(circles[0].get("cy")) < float(circles[1].get("cy"))
