@@ -394,3 +394,14 @@ def test_inductor_lowering_matches_eager_lowering_under_reduction():
     ditopt.reset(case.model)
     fn = torch.compile(case.model, backend="ditopt", options={"preset": "lossless", **opts})
     assert torch.allclose(_loop(case.model, inputs, 3, fn), eager, atol=1e-4)
+
+
+def test_with_adacache_skipped_blocks_make_no_plans():
+    case = build("cogvideox")
+    inputs = case.inputs(batch=1)
+    fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "kv_ratio": 0.25},
+                        adacache={"codebook": {"inf": 3}})  # skip whenever allowed
+    out = _loop(case.model, inputs, 12, fn)
+    g = ditopt.stats(case.model)["generations"][-1]
+    assert g["blocks_skipped"] > 0 and torch.isfinite(out).all()
+    assert g["asymrnr"]["q_plans"] == g["asymrnr"]["kv_plans"] == g["blocks_computed"]  # one site per block
