@@ -113,12 +113,12 @@ class MatchPlanner:
 
     def plan(self, region_index: int, x: torch.Tensor, stream) -> list[torch.Tensor]:
         site = self.sites[region_index]
-        state = stream.state.setdefault("asymrnr", {"matches": {}, "q_len": {}})
+        state = stream.state.setdefault("asymrnr", {"matches": {}, "refreshes": {}, "q_len": {}})
         stats = stream.stats.method.setdefault("asymrnr", _empty_stats())
         key = (tuple(x.shape), x.dtype, x.device)
         match = state["matches"].get(region_index)
         if match is None or match.shape_key != key or stream.step - match.step >= self.cfg.match_every:
-            refreshes = state.setdefault("refreshes", {}).get(region_index, 0)
+            refreshes = state["refreshes"].get(region_index, 0)
             state["refreshes"][region_index] = refreshes + 1
             match = state["matches"][region_index] = self._match(site, x, stream.step, key, self.cfg.seed + refreshes)
             B, H, _, D = x.shape

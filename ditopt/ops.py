@@ -22,6 +22,12 @@ def _on_gpu(x: Tensor) -> bool:
     return x.device.type == "cuda" and triton_available()
 
 
+def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    if _on_gpu(x):
+        return gather.gather_tokens_triton(x, index, launch=wrap_triton)
+    return gather.gather_tokens_reference(x, index)
+
+
 # Reduce, restore, merge and the nearest-destination search are triton_ops: on CUDA their bodies launch
 # ditopt's Triton kernels through wrap_triton, so Inductor sees inside; on other devices (and for fake
 # tensors on them) the bodies are the plain-torch references.
@@ -30,9 +36,7 @@ def _on_gpu(x: Tensor) -> bool:
 @triton_op(f"{LIB}::reduce", mutates_args=())
 def reduce(x: Tensor, index: Tensor) -> Tensor:
     """Keep tokens `index` [B, H, K] of x [B, H, S, D] (per batch element and head) -> [B, H, K, D]."""
-    if _on_gpu(x):
-        return gather.gather_tokens_triton(x, index, launch=wrap_triton)
-    return gather.gather_tokens_reference(x, index)
+    return _gather_tokens(x, index)
 
 
 @triton_op(f"{LIB}::restore", mutates_args=())
@@ -41,9 +45,7 @@ def restore(y: Tensor, source: Tensor) -> Tensor:
 
     A kept token points at its own row; a reduced token at its destination's row.
     """
-    if _on_gpu(y):
-        return gather.gather_tokens_triton(y, source, launch=wrap_triton)
-    return gather.gather_tokens_reference(y, source)
+    return _gather_tokens(y, source)
 
 
 @triton_op(f"{LIB}::merge", mutates_args=())

@@ -86,9 +86,6 @@ class _Builder:
         stop = -stop_from_end if stop_from_end else None
         return self.call(operator.getitem, (x, (slice(None),) * dim + (slice(start or None, stop),)))
 
-    def tokens_last(self, x: fx.Node, start: int, stop_from_end: int) -> fx.Node:
-        return self.tokens(x, start, stop_from_end, dim=3)
-
     def around(self, pre: int, post: int, x: fx.Node, middle: fx.Node, dim: int = 2) -> fx.Node:
         """cat(x's first `pre` tokens, middle, x's last `post` tokens) along the sequence (`dim`)."""
         if not pre and not post:
@@ -101,9 +98,6 @@ class _Builder:
         if post:
             parts.append(self.call(operator.getitem, (x, lead + (slice(-post, None),))))
         return self.call(torch.cat, (parts, dim))
-
-    def around_last(self, pre: int, post: int, x: fx.Node, middle: fx.Node) -> fx.Node:
-        return self.around(pre, post, x, middle, dim=3)
 
 
 def _match(b: _Builder, x: fx.Node, ratio: float, grid, stride, cfg, role: str, block: int, site: str,
@@ -129,8 +123,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, site: AttentionSite, block: int,
     mean = cfg.reduce_mode == "mean"
     with gm.graph.inserting_before(node):
         b = _Builder(gm.graph, node)
-        qv, kv_video = b.tokens(q, pre, post), b.tokens(k, pre, post)
-        vv = b.tokens(v, pre, post)
+        qv, kv_video, vv = (b.tokens(x, pre, post) for x in (q, k, v))
         keep_q, source_q = _match(b, qv, cfg.q_ratio, grid, stride, cfg, "q", block, site.name, (0, 1))
         on = vv if cfg.kv_match_on == "v" else kv_video
         kv_plan = _match(b, on, cfg.kv_ratio, grid, stride, cfg, "kv", block, site.name, (0, 1) if mean else (0,))
@@ -143,11 +136,11 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, site: AttentionSite, block: int,
         new_v = b.around(pre, post, v, reduce(vv, kv_plan))
         mask = _mask(node)
         if mask is not None:  # a key mask [B, 1, 1, S]: keep the columns of the kept keys, per head
-            columns = b.call(torch.Tensor.transpose, (b.tokens_last(mask, pre, post), -1, -2))  # [B, 1, n, 1]
+            columns = b.call(torch.Tensor.transpose, (b.tokens(mask, pre, post, dim=3), -1, -2))  # [B, 1, n, 1]
             columns = b.call(torch.Tensor.expand, (columns, -1, site.heads, -1, -1))
             kept = b.call(torch.Tensor.transpose, (b.call(ops.reduce.default, (columns, kv_plan[0])), -1, -2))
             text = b.call(torch.Tensor.expand, (mask, -1, site.heads, -1, -1))
-            new_mask = b.around_last(pre, post, text, kept)
+            new_mask = b.around(pre, post, text, kept, dim=3)
     news = [("query", new_q), ("key", new_k), ("value", new_v)] + ([("attn_mask", new_mask)] if mask is not None else [])
     for i, (name, new) in enumerate(news):
         if i < len(node.args):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import ditopt
 from ditopt import Config
 from ditopt import token_matching as tm
-from ditopt.analysis import analyze, sdpa_qkv
+from ditopt.analysis import analyze, module_path, sdpa_qkv
 from ditopt.asymrnr import RatioSchedule, tiers_to_ratios
 from ditopt.kernels import gather, matching
 from ditopt.bench import euler_loop
@@ -219,7 +219,7 @@ def test_kv_reduction_in_replace_mode_is_attention_over_the_kept_keys(family):
     checked = 0
     for site in result.report["rewritten"]:
         sdpa = next(n for n in result.gm.graph.nodes if n.target is F.scaled_dot_product_attention
-                    and _site_of(n) == site["site"])
+                    and module_path(n) == site["site"])
         q, k, v = (values[a] for a in sdpa_qkv(sdpa))
         reduce_k, reduce_v = (_find(a, ops.reduce.default) for a in sdpa_qkv(sdpa)[1:])
         video_k, video_v = values[reduce_k.args[0]], values[reduce_v.args[0]]
@@ -255,12 +255,6 @@ def _find(node, target):
     raise AssertionError(f"no {target} above {node}")
 
 
-def _site_of(node):
-    from ditopt.analysis import module_path
-
-    return module_path(node)
-
-
 def test_pass_reports_why_sites_are_left_alone():
     result, _, _ = _rewritten("latte", q_ratio=0.5)
     reasons = {s["reason"].split(" (")[0] for s in result.report["skipped"]}
@@ -271,7 +265,7 @@ def test_pass_reports_why_sites_are_left_alone():
 # runtime: the matching cache, schedules, variants
 
 
-def _loop(model, inputs, steps, fn):
+def _loop(inputs, steps, fn):
     return euler_loop(inputs, steps, "hidden_states", call)(fn)
 
 
@@ -279,8 +273,8 @@ def test_match_is_reused_for_match_every_steps_and_reset_per_generation():
     case = build("cogvideox")
     inputs = case.inputs(batch=1)
     fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "kv_ratio": 0.3, "match_every": 3})
-    _loop(case.model, inputs, 7, fn)
-    _loop(case.model, inputs, 7, fn)  # the timestep goes back up: a new generation
+    _loop(inputs, 7, fn)
+    _loop(inputs, 7, fn)  # the timestep goes back up: a new generation
     gens = [g for g in ditopt.stats(case.model)["generations"]]
     assert len(gens) == 2
     sites = 2 * 2  # 2 blocks x (q, kv)
@@ -325,7 +319,7 @@ def test_schedule_changing_ratios_over_50_steps_never_recompiles():
     kv_table = [[levels[(s // 5) % 2] for s in range(50)] for b in range(2)]
     torch._dynamo.utils.counters.clear()
     fn = compile_ditopt(case.model, asymrnr={"schedule": "table", "q_table": q_table, "kv_table": kv_table})
-    _loop(case.model, inputs, 50, fn)
+    _loop(inputs, 50, fn)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     runtime = ditopt.runtime.runtimes_of(case.model)[0]
     block_keys = {k for k in runtime._fns if isinstance(k, tuple)}
@@ -391,11 +385,11 @@ def test_inductor_lowering_matches_eager_lowering_under_reduction():
     case = build("cogvideox")
     inputs = case.inputs(batch=2)
     opts = {"asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.5}}
-    eager = _loop(case.model, inputs, 3, compile_ditopt(case.model, **opts))
+    eager = _loop(inputs, 3, compile_ditopt(case.model, **opts))
     torch._dynamo.reset()
     ditopt.reset(case.model)
     fn = torch.compile(case.model, backend="ditopt", options={"preset": "lossless", **opts})
-    assert torch.allclose(_loop(case.model, inputs, 3, fn), eager, atol=1e-4)
+    assert torch.allclose(_loop(inputs, 3, fn), eager, atol=1e-4)
 
 
 def test_with_adacache_skipped_blocks_make_no_plans():
@@ -403,7 +397,7 @@ def test_with_adacache_skipped_blocks_make_no_plans():
     inputs = case.inputs(batch=1)
     fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "kv_ratio": 0.25},
                         adacache={"codebook": {"inf": 3}})  # skip whenever allowed
-    out = _loop(case.model, inputs, 12, fn)
+    out = _loop(inputs, 12, fn)
     g = ditopt.stats(case.model)["generations"][-1]
     assert g["blocks_skipped"] > 0 and torch.isfinite(out).all()
     assert g["asymrnr"]["q_plans"] == g["asymrnr"]["kv_plans"] == g["blocks_computed"]  # one site per block
