@@ -51,9 +51,17 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
         planner = build_planner(config.asymrnr, regions, len(structure.blocks))
         if planner is None:
             _warn_once(f"ditopt: asymrnr is on but no attention site could be reduced "
-                       f"({_skipped_reasons(reports['asymrnr'])}); attention runs on every token")
+                       f"({_skipped_reasons(reports['asymrnr'], 'no self-attention over video tokens')}); attention runs on every token")
+    toca = None
+    if config.toca.enabled:
+        from .toca import build_planner as build_toca
+
+        toca = build_toca(config.toca, regions, structure)
+        if toca is None:
+            _warn_once(f"ditopt: toca is on but no site could be cached "
+                       f"({_skipped_reasons(reports['toca'], 'no attention or MLP site in the blocks')}); every step computes every token")
     runtime = Runtime(structure, regions, template, config, timestep_slot, spans, probe_slots, policies, reports,
-                      planner)
+                      planner, toca)
     register(runtime, example_inputs)
     exporter.lowered(regions)
     exporter.write_report(
@@ -75,9 +83,9 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _skipped_reasons(report: dict) -> str:
+def _skipped_reasons(report: dict, none_found: str) -> str:
     reasons = sorted({s["reason"] for s in report.get("skipped", [])})
-    return "; ".join(reasons) or "no self-attention over video tokens"
+    return "; ".join(reasons) or none_found
 
 
 def _policies(config: Config, structure, reports: dict) -> list:

@@ -81,15 +81,50 @@ class AsymRnRConfig:
 
 @dataclass
 class ToCaConfig:
-    """Token-wise caching of cross-attention and MLP outputs (placeholder for its issue)."""
+    """Token-wise caching of self-attention, cross-attention and MLP outputs (ToCa); see docs/toca.md.
+
+    A site is computed fully at the first `first_fresh` steps and every `interval`-th step (per module
+    kind with `intervals`, e.g. {"cross": 6}); at the other steps self-attention reads its cache and
+    cross-attention and MLP recompute the top-scored fraction `ratio * step factor * layer factor *
+    module_factors[kind]` of their rows.  A factor with weight w at position x in [0, 1] is
+    1 + w - 2 w x; the step position is the noise level (t / first t: 1 at the start), the layer
+    position is block / (blocks - 1).  `reference` fills every setting from the published ones.
+    """
 
     enabled: bool = False
+    reference: str | None = None  # "dit", "pixart" or "opensora": the reference's settings for that model
     interval: int = 3
-    ratio: float = 0.1
+    intervals: dict = field(default_factory=dict)  # module kind ("self", "cross", "mlp") -> its own interval
+    first_fresh: int = 1
+    ratio: float = 0.1  # r0: the base fraction of rows recomputed at partial steps
+    step_weight: float = 0.0
+    layer_weight: float = 0.0
+    module_factors: dict = field(default_factory=lambda: {"self": 0.0, "cross": 1.0, "mlp": 1.0})
+    score: str = "auto"  # "cross" (s2, entropy), "self" (s1, column sums) or "auto": cross where a block has one
+    age_weight: float = 0.25  # s3: + age_weight * (steps since computed) / interval
+    uniform_cell: tuple = (1, 2, 2)  # s4: cells of (frames, height, width) tokens ...
+    uniform_bonus: float = 0.0  # ... whose best token's score is multiplied by (1 + bonus); 0 turns s4 off
+    cfg_shared: bool = False  # the two batch halves (CFG's uncond/cond) select the same rows
+    levels: int = 16  # the recomputed fraction is rounded up to a multiple of 1/levels ...
+    row_multiple: int = 8  # ... and the row count up to a multiple of this: few, static shapes
+
+
+# The reference implementation's settings (Shenyi-Z/ToCa), as docs/toca.md describes them.
+TOCA_REFERENCES = {
+    "dit": dict(interval=3, first_fresh=1, ratio=0.07, step_weight=0.4, layer_weight=0.8,
+                module_factors={"self": 0.0, "cross": 1.0, "mlp": 2.5}, score="self",
+                uniform_cell=(1, 2, 2), uniform_bonus=0.6, cfg_shared=False),
+    "pixart": dict(interval=3, first_fresh=1, ratio=0.30, step_weight=0.9, layer_weight=0.6,
+                   module_factors={"self": 0.0, "cross": 0.6, "mlp": 1.6}, score="cross",
+                   uniform_cell=(1, 4, 4), uniform_bonus=0.4, cfg_shared=True),
+    "opensora": dict(interval=3, intervals={"self": 3, "cross": 6, "mlp": 3}, first_fresh=3, ratio=0.10,
+                     step_weight=0.0, layer_weight=0.0, module_factors={"self": 0.0, "cross": 0.0, "mlp": 1.495},
+                     score="cross", uniform_bonus=0.0, cfg_shared=True),
+}
+TOCA_KINDS = ("self", "cross", "mlp")
 
 
 METHOD_SECTIONS: dict[str, type] = {"asymrnr": AsymRnRConfig, "toca": ToCaConfig, "adacache": AdaCacheConfig}
-IMPLEMENTED_METHODS = ("asymrnr", "adacache")
 
 
 @dataclass
@@ -127,14 +162,9 @@ class Config:
     def validate(self) -> None:
         _check_choice("preset", self.preset, PRESETS)
         _check_choice("lowering", self.lowering, LOWERINGS)
-        for name in METHOD_SECTIONS:
-            section = getattr(self, name)
-            if section.enabled and name not in IMPLEMENTED_METHODS:
-                raise ValueError(
-                    f"ditopt: method {name!r} is not implemented yet; implemented: {list(IMPLEMENTED_METHODS)}"
-                )
         _validate_adacache(self.adacache)
         _validate_asymrnr(self.asymrnr)
+        _validate_toca(self.toca)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -185,13 +215,18 @@ def _section(name: str, section_type: type, value: Any, base: Any):
     if unknown:
         raise ValueError(f"ditopt: unknown key(s) {unknown} in {name!r}; valid keys: {valid}")
     settings = {"enabled": True, **value}
+    if name == "toca" and settings.get("reference") is not None:  # the reference's settings, then the user's
+        _check_choice("toca.reference", settings["reference"], tuple(TOCA_REFERENCES))
+        settings = {**TOCA_REFERENCES[settings["reference"]], **settings}
+    if "module_factors" in settings and isinstance(settings["module_factors"], Mapping):  # kinds not named keep theirs
+        settings["module_factors"] = {**base.module_factors, **settings["module_factors"]}
     if "codebook" in settings and isinstance(settings["codebook"], Mapping):
         settings["codebook"] = {_threshold(k): v for k, v in settings["codebook"].items()}
     for key in ("q_tiers", "kv_tiers"):  # tier thresholds may be JSON strings too
         if key in settings and isinstance(settings[key], Mapping):
             settings[key] = {_threshold(k): v for k, v in settings[key].items()}
-    for key in ("stride", "levels"):
-        if key in settings and isinstance(settings[key], list):
+    for key in ("stride", "levels", "uniform_cell"):
+        if key in settings and isinstance(settings[key], list) and key in {f.name for f in fields(section_type)}:
             settings[key] = tuple(settings[key])
     return dataclasses.replace(base, **settings)
 
@@ -256,6 +291,39 @@ def _validate_asymrnr(cfg: AsymRnRConfig) -> None:
         for name in ("q_table", "kv_table"):
             if getattr(cfg, name) is not None:
                 _check_table(f"asymrnr.{name}", getattr(cfg, name), lambda v: isinstance(v, (int, float)) and 0 <= v < 1)
+
+
+def _validate_toca(cfg: ToCaConfig) -> None:
+    if cfg.reference is not None:
+        _check_choice("toca.reference", cfg.reference, tuple(TOCA_REFERENCES))
+    _check_choice("toca.score", cfg.score, ("auto", "cross", "self"))
+    for name, value in [("interval", cfg.interval), *((f"intervals[{k!r}]", v) for k, v in cfg.intervals.items())]:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"ditopt: toca.{name} must be a whole number of steps >= 1, got {value!r}")
+    for table in ("intervals", "module_factors"):
+        unknown = sorted(set(getattr(cfg, table)) - set(TOCA_KINDS))
+        if unknown:
+            raise ValueError(f"ditopt: toca.{table} has unknown module kind(s) {unknown}; use {list(TOCA_KINDS)}")
+    if cfg.module_factors.get("self", 0.0) != 0.0:
+        raise ValueError("ditopt: toca.module_factors['self'] must be 0: self-attention is reused whole at partial "
+                         "steps (recomputing part of it spreads errors, as the ToCa paper found)")
+    if any(not isinstance(v, (int, float)) or v < 0 for v in cfg.module_factors.values()):
+        raise ValueError(f"ditopt: toca.module_factors must be numbers >= 0, got {cfg.module_factors}")
+    if not isinstance(cfg.ratio, (int, float)) or not 0.0 <= cfg.ratio <= 1.0:
+        raise ValueError(f"ditopt: toca.ratio is the fraction of rows recomputed at partial steps, 0 <= ratio <= 1; "
+                         f"got {cfg.ratio!r}")
+    for name in ("step_weight", "layer_weight"):
+        if not -1.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"ditopt: toca.{name} must lie in [-1, 1] (factor 1 + w - 2 w x stays >= 0)")
+    if cfg.first_fresh < 1:
+        raise ValueError("ditopt: toca.first_fresh must be >= 1 (the first step fills the cache)")
+    if cfg.age_weight < 0 or cfg.uniform_bonus < 0:
+        raise ValueError("ditopt: toca.age_weight and toca.uniform_bonus must be >= 0")
+    if len(cfg.uniform_cell) != 3 or not all(isinstance(c, int) and c >= 1 for c in cfg.uniform_cell):
+        raise ValueError(f"ditopt: toca.uniform_cell must be three integers >= 1 (frames, height, width), "
+                         f"got {cfg.uniform_cell}")
+    if cfg.levels < 1 or cfg.row_multiple < 1:
+        raise ValueError("ditopt: toca.levels and toca.row_multiple must be >= 1")
 
 
 def _check_ratio(name: str, value: Any) -> None:

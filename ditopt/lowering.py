@@ -257,13 +257,13 @@ class VariantCache:
         self.config = config
         self.variants: dict[tuple, CompiledVariant] = {}
 
-    def get(self, region: Region, inputs: list) -> Callable:
-        """Called once per region (the runtime keeps what it returns)."""
-        key = (graph_key(region.gm), input_key(inputs))
+    def get(self, gm: fx.GraphModule, inputs: list) -> Callable:
+        """Called once per region variant (the runtime keeps what it returns)."""
+        key = (graph_key(gm), input_key(inputs))
         hit = self.variants.get(key)
         if hit is None:
             start = time.perf_counter()
-            hit = self.variants[key] = CompiledVariant(compile_graph(region.gm, list(inputs), self.config),
+            hit = self.variants[key] = CompiledVariant(compile_graph(gm, list(inputs), self.config),
                                                        time.perf_counter() - start)
         return hit.fn
 

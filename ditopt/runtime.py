@@ -119,7 +119,7 @@ class Runtime:
 
     def __init__(self, structure: DiTStructure, regions: list[Region], template: Any, config: Config,
                  timestep_slot: int | None, spans: list[SpanPlan], probe_slots: dict[str, int],
-                 policies: list[SkipPolicy], report: dict, planner=None):
+                 policies: list[SkipPolicy], report: dict, planner=None, toca=None):
         self.structure = structure
         self.regions = regions
         self.template = template
@@ -137,6 +137,7 @@ class Runtime:
                             if r.kind == "block" and (r.index + 1 == len(regions) or regions[r.index + 1].block != r.block)}
         self.policies = policies
         self.planner = planner  # AsymRnR's MatchPlanner: runs the "match" regions
+        self.toca = toca  # ToCa's TocaPlanner: runs the block regions that hold cached sites
         self.report = report
         # A region that reads a match plan compiles one variant per reduced length: key its code by those.
         match_slots = {s for r in regions if r.kind == "match" for s in r.output_slots}
@@ -144,7 +145,7 @@ class Runtime:
         self.clock = StepClock()
         self.variants = VariantCache(config)
         self.num_slots = max((s for r in regions for s in r.output_slots), default=0) + 1
-        self._fns: dict[int, Callable] = {}
+        self._fns: dict[tuple, Callable] = {}
         self.params: dict[int, weakref.ref] = {}  # id -> weak reference, to recognise the model
         self.calls = 0
 
@@ -191,6 +192,10 @@ class Runtime:
             inputs = [values[s] for s in region.input_slots]
             if region.kind == "match":
                 outputs = self.planner.plan(region.index, inputs[0], stream)
+            elif self.toca is not None and region.index in self.toca.sites:
+                base = self._key(region, inputs)
+                outputs = self.toca.run(region, inputs, stream,
+                                        lambda key, gm, args: self._compiled((base, key), gm, args))
             else:
                 outputs = self.run_region(region, inputs)
             for s, v in zip(region.output_slots, outputs):
@@ -232,12 +237,17 @@ class Runtime:
 
     def run_region(self, region: Region, inputs: list) -> list:
         """Run a region's compiled code (compiled on first use, shared between identical regions)."""
-        plan_inputs = self._plan_inputs[region.index]
-        key = (region.index, *(inputs[p].shape[-1] for p in plan_inputs)) if plan_inputs else region.index
+        return self._compiled(self._key(region, inputs), region.gm, inputs)(*inputs)
+
+    def _key(self, region: Region, inputs: list) -> tuple:
+        """A region's code key: its index, and the reduced lengths of the match plans it reads."""
+        return (region.index, *(inputs[p].shape[-1] for p in self._plan_inputs[region.index]))
+
+    def _compiled(self, key, gm, inputs: list) -> Callable:
         fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[key] = self.variants.get(region, inputs)
-        return fn(*inputs)
+            fn = self._fns[key] = self.variants.get(gm, inputs)
+        return fn
 
     # -- inspection ----------------------------------------------------------
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 from ditopt.analysis import DiTStructure, analyze
 from ditopt.config import Config
 
-from . import adacache, asymrnr, remove_inference_noops
+from . import adacache, asymrnr, remove_inference_noops, toca
 
 
 @dataclass
@@ -41,6 +41,8 @@ class Pass:
 
 PIPELINE: tuple[Pass, ...] = (
     Pass("remove_inference_noops", remove_inference_noops.run, lambda c: True, reanalyze=True),
+    # ToCa before AsymRnR: its scores read each attention's full Q and K, before tokens are reduced.
+    Pass("toca", toca.run, lambda c: c.toca.enabled),
     Pass("asymrnr", asymrnr.run, lambda c: c.asymrnr.enabled),
     Pass("adacache", adacache.run, lambda c: c.adacache.enabled),
 )

@@ -40,9 +40,25 @@ def test_method_section_false_turns_method_off():
     assert not cfg.adacache.enabled and cfg.lossless
 
 
-def test_unimplemented_method_is_refused_clearly():
-    with pytest.raises(ValueError, match="not implemented yet"):
-        Config.from_options({"toca": {"interval": 3, "ratio": 0.1}})
+def test_toca_options_from_the_issue_and_a_reference_preset():
+    cfg = Config.from_options({"toca": {"interval": 3, "ratio": 0.1}})
+    assert cfg.toca.enabled and (cfg.toca.interval, cfg.toca.ratio) == (3, 0.1)
+    pixart = Config.from_options({"toca": {"reference": "pixart", "ratio": 0.2}})
+    assert pixart.toca.ratio == 0.2 and pixart.toca.module_factors == {"self": 0.0, "cross": 0.6, "mlp": 1.6}
+    assert pixart.toca.cfg_shared and pixart.toca.uniform_cell == (1, 4, 4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"interval": 0}, "toca.interval must be a whole number of steps"),
+    ({"intervals": {"attn": 2}}, "unknown module kind"),
+    ({"module_factors": {"self": 0.5}}, "self-attention is reused whole"),
+    ({"ratio": 1.5}, "fraction of rows recomputed"),
+    ({"reference": "flux"}, "toca.reference='flux' is not valid"),
+    ({"uniform_cell": [2, 2]}, "three integers"),
+])
+def test_bad_toca_options_say_what_to_change(bad, message):
+    with pytest.raises(ValueError, match=message):
+        Config.from_options({"toca": bad})
 
 
 def test_codebook_values_are_checked():

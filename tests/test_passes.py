@@ -13,7 +13,7 @@ from conftest import capture_graphs
 
 
 def test_pipeline_is_declared_once_in_order():
-    assert [p.name for p in PIPELINE] == ["remove_inference_noops", "asymrnr", "adacache"]
+    assert [p.name for p in PIPELINE] == ["remove_inference_noops", "toca", "asymrnr", "adacache"]
 
 
 @settings(max_examples=5, deadline=None)
