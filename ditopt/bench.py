@@ -28,6 +28,8 @@ PRESET_CONFIGS = ("lossless", "quality", "balanced", "fast")
 METHOD_CONFIGS = {
     "asymrnr": {"preset": "lossless", "asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.5}},
     "asymrnr-adaptive": {"preset": "lossless", "asymrnr": {"schedule": "adaptive", "q_ratio": 0.75, "kv_ratio": 0.5}},
+    "toca": {"preset": "lossless", "toca": {"interval": 3, "ratio": 0.1}},
+    **{f"toca-{ref}": {"preset": "lossless", "toca": {"reference": ref}} for ref in ("dit", "pixart", "opensora")},
 }
 # FasterCache is left out: with diffusers 0.42 its unconditional-branch hook fails with a shape error
 # on WanTransformer3DModel under batched CFG (docs/benchmarks.md).
@@ -67,6 +69,7 @@ class Result:
     attention_gflops: float | None = None  # FLOPs in attention cores, per generation
     matching_gflops: float | None = None  # AsymRnR's matching (counted apart: FlopCounterMode sees its reference)
     video_attention_fraction: float | None = None  # video-video attention pairs left by AsymRnR
+    toca_computed_fraction: float | None = None  # rows ToCa's sites computed, of all their rows
 
 
 def compile_config(model: torch.nn.Module, name: str, lowering: str = "inductor"):
@@ -161,6 +164,7 @@ def measure(
                 times.append(time.perf_counter() - start)
             skipped = _skipped_fraction(model) if name not in ("eager", "inductor", *PEERS) else None
             asym = _asymrnr_figures(model, seen) if name not in ("eager", "inductor", *PEERS) else None
+            toca = _toca_fraction(model, seen) if name not in ("eager", "inductor", *PEERS) else None
         finally:
             cleanup()
         steady = min(times)
@@ -180,6 +184,7 @@ def measure(
             peak_memory_mb=_peak_memory_mb(),
             attention_gflops=None if attention is None else round(attention, 3),
             matching_gflops=asym and round(asym[0], 4), video_attention_fraction=asym and asym[1],
+            toca_computed_fraction=toca,
         ))
         raw.append((name, steady, gflops))
     times = {name: steady for name, steady, _ in raw}
@@ -245,6 +250,16 @@ def _asymrnr_figures(model, seen: int) -> tuple[float, float] | None:
     return sum(g["asymrnr"]["matching_gflops"] for g in gens), round(pairs / max(1, full), 4)
 
 
+def _toca_fraction(model, seen: int) -> float | None:
+    """The fraction of ToCa's site rows computed in the last run, if ToCa ran."""
+    import ditopt
+
+    gens = [g["toca"] for g in ditopt.stats(model)["generations"][seen:] if "toca" in g]
+    if not gens:
+        return None
+    return round(sum(g["rows_computed"] for g in gens) / max(1, sum(g["rows_total"] for g in gens)), 4)
+
+
 def _peak_memory_mb() -> float | None:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -276,7 +291,7 @@ def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) 
 def to_markdown(results: list[Result], title: str) -> str:
     cols = ["config", "how", "seconds_per_generation", "speedup_vs_inductor", "speedup_vs_eager", "compile_seconds",
             "gflops_per_generation", "flop_ratio", "attention_gflops", "matching_gflops", "video_attention_fraction",
-            "psnr_db", "ssim", "blocks_skipped_fraction", "peak_memory_mb"]
+            "toca_computed_fraction", "psnr_db", "ssim", "blocks_skipped_fraction", "peak_memory_mb"]
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         row = asdict(r)

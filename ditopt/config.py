@@ -100,7 +100,7 @@ class ToCaConfig:
     step_weight: float = 0.0
     layer_weight: float = 0.0
     module_factors: dict = field(default_factory=lambda: {"self": 0.0, "cross": 1.0, "mlp": 1.0})
-    score: str = "auto"  # "cross" (s2, entropy), "self" (s1, column sums) or "auto": cross where a block has one
+    score: str = "auto"  # "auto": s2 (cross-attention entropy) where a block has cross-attention, else s1; "self": s1
     age_weight: float = 0.25  # s3: + age_weight * (steps since computed) / interval
     uniform_cell: tuple = (1, 2, 2)  # s4: cells of (frames, height, width) tokens ...
     uniform_bonus: float = 0.0  # ... whose best token's score is multiplied by (1 + bonus); 0 turns s4 off
@@ -115,11 +115,11 @@ TOCA_REFERENCES = {
                 module_factors={"self": 0.0, "cross": 1.0, "mlp": 2.5}, score="self",
                 uniform_cell=(1, 2, 2), uniform_bonus=0.6, cfg_shared=False),
     "pixart": dict(interval=3, first_fresh=1, ratio=0.30, step_weight=0.9, layer_weight=0.6,
-                   module_factors={"self": 0.0, "cross": 0.6, "mlp": 1.6}, score="cross",
+                   module_factors={"self": 0.0, "cross": 0.6, "mlp": 1.6}, score="auto",
                    uniform_cell=(1, 4, 4), uniform_bonus=0.4, cfg_shared=True),
     "opensora": dict(interval=3, intervals={"self": 3, "cross": 6, "mlp": 3}, first_fresh=3, ratio=0.10,
                      step_weight=0.0, layer_weight=0.0, module_factors={"self": 0.0, "cross": 0.0, "mlp": 1.495},
-                     score="cross", uniform_bonus=0.0, cfg_shared=True),
+                     score="auto", uniform_bonus=0.0, cfg_shared=True),
 }
 TOCA_KINDS = ("self", "cross", "mlp")
 
@@ -296,7 +296,7 @@ def _validate_asymrnr(cfg: AsymRnRConfig) -> None:
 def _validate_toca(cfg: ToCaConfig) -> None:
     if cfg.reference is not None:
         _check_choice("toca.reference", cfg.reference, tuple(TOCA_REFERENCES))
-    _check_choice("toca.score", cfg.score, ("auto", "cross", "self"))
+    _check_choice("toca.score", cfg.score, ("auto", "self"))
     for name, value in [("interval", cfg.interval), *((f"intervals[{k!r}]", v) for k, v in cfg.intervals.items())]:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"ditopt: toca.{name} must be a whole number of steps >= 1, got {value!r}")

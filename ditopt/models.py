@@ -13,6 +13,7 @@ import torch
 
 FAMILIES = ("cogvideox", "wan", "hunyuanvideo", "ltx", "mochi", "latte", "pixart", "dit", "stdit")
 SIZES = ("tiny", "mid")
+MID_FAMILIES = ("cogvideox", "pixart")  # mid: benchmark sizes (thousands of tokens, 8 blocks of width 512)
 
 
 @dataclass
@@ -45,8 +46,8 @@ def build(family: str, size: str = "tiny", seed: int = 0) -> ModelCase:
         raise ValueError(f"unknown model family {family!r}; choose one of {list(FAMILIES)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {list(SIZES)}")
-    if size == "mid" and family != "cogvideox":
-        raise ValueError("size 'mid' exists for family 'cogvideox' only")
+    if size == "mid" and family not in MID_FAMILIES:
+        raise ValueError(f"size 'mid' exists for families {list(MID_FAMILIES)} only")
     torch.manual_seed(seed)
     model, make = _BUILDERS[family](size)
     return ModelCase(family, model.eval(), make)
@@ -158,13 +159,19 @@ def _latte(size):
 def _pixart(size):
     from diffusers import PixArtTransformer2DModel
 
-    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                     num_layers=2, cross_attention_dim=32, sample_size=8, patch_size=2,
-                                     caption_channels=32)
+    if size == "mid":  # PixArt-alpha-shaped: 32 x 32 = 1024 image tokens, cross-attention to 32 text tokens
+        cfg = dict(num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=8,
+                   cross_attention_dim=512, sample_size=64, patch_size=2, caption_channels=256)
+        hw, text = 64, 32
+    else:
+        cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+                   cross_attention_dim=32, sample_size=8, patch_size=2, caption_channels=32)
+        hw, text = 8, 6
+    model = PixArtTransformer2DModel(**cfg)
 
     def make(batch, seed):
         g = torch.Generator().manual_seed(seed)
-        return dict(hidden_states=_randn(g, batch, 4, 8, 8), encoder_hidden_states=_randn(g, batch, 6, 32),
+        return dict(hidden_states=_randn(g, batch, 4, hw, hw), encoder_hidden_states=_randn(g, batch, text, cfg["caption_channels"]),
                     timestep=_timestep(g, batch), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
                     return_dict=False)
 

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-QUERY_CHUNK = 256  # query rows per chunk: chunk x keys logits per head live at a time
+QUERY_CHUNK = 512  # query rows per chunk: chunk x keys logits per head live at a time
 
 
 def _logits(q: Tensor, k: Tensor, mask: Tensor | None, scale: float | None, rows: slice) -> Tensor:
@@ -45,9 +45,11 @@ def attention_column_score(q: Tensor, k: Tensor, mask: Tensor | None = None, sca
     B, H, N, _ = q.shape
     total = q.new_zeros(B, k.shape[2], dtype=torch.float32)
     for start in range(0, N, chunk):
-        logits = _logits(q, k, mask, scale, slice(start, start + chunk))
-        probs = torch.exp(logits - torch.logsumexp(logits, dim=-1, keepdim=True))
-        total += probs.nan_to_num(0.0).sum(dim=2).mean(dim=1)  # rows with every key masked contribute nothing
+        probs = _logits(q, k, mask, scale, slice(start, start + chunk))
+        probs = probs.sub_(torch.logsumexp(probs, dim=-1, keepdim=True)).exp_()  # in place: one chunk buffer
+        if mask is not None:
+            probs = probs.nan_to_num_(0.0)  # rows with every key masked contribute nothing
+        total += probs.sum(dim=(1, 2)).div_(H)
     return total
 
 

@@ -174,7 +174,7 @@ class _Rewriter:
         last = nodes.index(self.nodes[block.last_node])
         return nodes[first:last + 1]
 
-    def _new_site(self, block: Block, name: str, kind: str, out: fx.Node, rows_of: fx.Node) -> dict:
+    def _new_site(self, block: Block, name: str, kind: str, rows_of: fx.Node) -> dict:
         site = {"site": len(self.sites), "block": block.index, "name": name, "kind": kind,
                 "tokens": int(shape(rows_of)[1]), "batch": int(shape(rows_of)[0])}
         self.sites.append(site)
@@ -185,7 +185,7 @@ class _Rewriter:
         if out is None or shape(out) is None or len(shape(out)) != 3:
             self.skipped.append({"site": att.name, "reason": "no [batch, tokens, channels] output projection found"})
             return
-        site = self._new_site(block, att.name, "self", out, out)
+        site = self._new_site(block, att.name, "self", out)
         users = list(out.users)
         with self.graph.inserting_after(out):
             rows = _tag(self.graph.call_function(ops.toca_rows.default, (out, site["site"])), out, **site, role="rows")
@@ -209,7 +209,7 @@ class _Rewriter:
         if why is not None:
             self.skipped.append({"site": name, "reason": why})
             return
-        site = self._new_site(block, name, kind, out, x_in)
+        site = self._new_site(block, name, kind, x_in)
         first_use = region[0]
         with self.graph.inserting_before(first_use):
             rows = _tag(self.graph.call_function(ops.toca_rows.default, (x_in, site["site"])), first_use, **site,
@@ -235,12 +235,13 @@ class _Rewriter:
         own = [s for s in mine if s["kind"] == "self"
                and next(a for a in block.attention if a.sdpa == s["sdpa"]).axis != "temporal"]
         wanted = self.cfg.score
-        if wanted == "cross" or (wanted == "auto" and cross):
+        if wanted == "auto" and cross:
             source, op, kind = (cross[0] if cross else None), ops.attention_entropy.default, "entropy"
         else:
             source, op, kind = (own[0] if own else None), ops.attention_column_score.default, "column"
         if source is None:
-            self.scores.append({"block": block.index, "score": None, "reason": f"no {wanted} attention to score from"})
+            self.scores.append({"block": block.index, "score": None,
+                                "reason": "no cross-attention or full/spatial self-attention to score from"})
             return
         sdpa = self.nodes[source["sdpa"]]
         if sdpa.kwargs.get("enable_gqa"):

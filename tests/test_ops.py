@@ -18,7 +18,8 @@ def _reduce_plan(b, h, s, keep, gen):
     return kept, source
 
 
-@pytest.mark.parametrize("name", ["reduce", "restore", "cache_lookup", "skip_guard"])
+@pytest.mark.parametrize("name", ["reduce", "restore", "cache_lookup", "skip_guard", "toca_rows", "gather_rows",
+                                  "toca_update", "attention_column_score", "attention_entropy"])
 def test_opcheck(name):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 10, 4, generator=gen)
@@ -29,6 +30,11 @@ def test_opcheck(name):
         "cache_lookup": (torch.randn(2, 3, 5, generator=gen), torch.randn(2, 7, 5, generator=gen),
                          torch.tensor([[0, 3, 6], [1, 2, 5]])),
         "skip_guard": (x, 3),
+        "toca_rows": (torch.randn(2, 7, 5, generator=gen), 1),
+        "gather_rows": (torch.randn(2, 7, 5, generator=gen), torch.tensor([[0, 3, 6], [1, 2, 5]])),
+        "toca_update": (torch.randn(2, 7, 5, generator=gen), torch.arange(7).expand(2, 7).contiguous(), 1, 7),
+        "attention_column_score": (x, torch.randn(2, 3, 8, 4, generator=gen), None, None),
+        "attention_entropy": (x, torch.randn(2, 3, 8, 4, generator=gen), torch.rand(2, 1, 1, 8, generator=gen) > 0.2, 0.3),
     }[name]
     torch.library.opcheck(getattr(ops, name).default, args)
 

@@ -125,7 +125,7 @@ def test_pass_reports_sites_it_cannot_cache():
     gm = capture_graphs(case.model, case.inputs())[0]
     _, _, reports = run_pipeline(gm, analyze(gm), Config.from_options({"preset": "lossless", "toca": {}}))
     no_score = [s for s in reports["toca"]["scores"] if s["score"] is None]
-    assert no_score and all("no auto attention" in s["reason"] for s in no_score)
+    assert no_score and all("no cross-attention or full/spatial self-attention" in s["reason"] for s in no_score)
 
 
 # ---------------------------------------------------------------------------
