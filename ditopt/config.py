@@ -100,7 +100,8 @@ class ToCaConfig:
     step_weight: float = 0.0
     layer_weight: float = 0.0
     module_factors: dict = field(default_factory=lambda: {"self": 0.0, "cross": 1.0, "mlp": 1.0})
-    score: str = "auto"  # "auto": s2 (cross-attention entropy) where a block has cross-attention, else s1; "self": s1
+    score: str = "auto"  # "auto": s2 (cross-attention entropy) where a block has cross-attention, else s1; "self": s1;
+    # "none": no attention score (s3 and s4 only), which costs nothing at fresh steps
     age_weight: float = 0.25  # s3: + age_weight * (steps since computed) / interval
     uniform_cell: tuple = (1, 2, 2)  # s4: cells of (frames, height, width) tokens ...
     uniform_bonus: float = 0.0  # ... whose best token's score is multiplied by (1 + bonus); 0 turns s4 off
@@ -296,7 +297,7 @@ def _validate_asymrnr(cfg: AsymRnRConfig) -> None:
 def _validate_toca(cfg: ToCaConfig) -> None:
     if cfg.reference is not None:
         _check_choice("toca.reference", cfg.reference, tuple(TOCA_REFERENCES))
-    _check_choice("toca.score", cfg.score, ("auto", "self"))
+    _check_choice("toca.score", cfg.score, ("auto", "self", "none"))
     for name, value in [("interval", cfg.interval), *((f"intervals[{k!r}]", v) for k, v in cfg.intervals.items())]:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"ditopt: toca.{name} must be a whole number of steps >= 1, got {value!r}")

@@ -235,6 +235,8 @@ class _Rewriter:
         own = [s for s in mine if s["kind"] == "self"
                and next(a for a in block.attention if a.sdpa == s["sdpa"]).axis != "temporal"]
         wanted = self.cfg.score
+        if wanted == "none":
+            return
         if wanted == "auto" and cross:
             source, op, kind = (cross[0] if cross else None), ops.attention_entropy.default, "entropy"
         else:

@@ -119,6 +119,14 @@ def test_pass_counts_sites_and_scores_and_the_graph_still_computes_the_model(fam
     assert torch.equal(out, reference)  # run as is, every row is fresh
 
 
+def test_score_none_inserts_no_score_op():
+    case = build("wan")
+    gm = capture_graphs(case.model, case.inputs())[0]
+    gm, _, reports = run_pipeline(gm, analyze(gm), Config.from_options({"preset": "lossless", "toca": {"score": "none"}}))
+    assert reports["toca"]["scores"] == [] and len(reports["toca"]["sites"]) == 6
+    assert not any(n.target in (ops.attention_entropy.default, ops.attention_column_score.default) for n in gm.graph.nodes)
+
+
 def test_pass_reports_sites_it_cannot_cache():
     # temporal attention is a self site (reused whole), but it is never a score source
     case = build("latte")
