@@ -322,7 +322,7 @@ def test_schedule_changing_ratios_over_50_steps_never_recompiles():
     _loop(inputs, 50, fn)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     runtime = ditopt.runtime.runtimes_of(case.model)[0]
-    block_keys = {k for k in runtime._fns if isinstance(k, tuple)}
+    block_keys = {k for k in runtime._fns if len(k) > 1}  # regions that read match plans
     assert len({k[1:] for k in block_keys}) <= 3 * 2  # at most one variant per (q level, kv level)
     g = ditopt.stats(case.model)["generations"][-1]
     assert g["asymrnr"]["q_plans"] == 100 and abs(g["asymrnr"]["q_ratio_sum"] - sum(map(sum, q_table))) < 1e-9
