@@ -409,6 +409,25 @@ def sdpa_qkv(node: fx.Node) -> list:
     return list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")[len(node.args[:3]):]]
 
 
+def sdpa_mask_and_scale(node: fx.Node) -> tuple:
+    """attn_mask and scale of an attention call, whether passed by position or by keyword (None if absent)."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    return node.kwargs.get("attn_mask", args[3]), node.kwargs.get("scale", args[6])
+
+
+def q_projection_input(sdpa: fx.Node, within: set | None = None) -> fx.Node | None:
+    """The value entering the Q projection of an attention call: back from Q through head split,
+    norms and RoPE to the linear, staying inside `within` when given."""
+    node = sdpa_qkv(sdpa)[0]
+    for _ in range(16):
+        if not isinstance(node, fx.Node) or (within is not None and node not in within):
+            return None
+        if _matches(node, LINEAR_TARGETS):
+            return node.args[0] if isinstance(node.args[0], fx.Node) else None
+        node = node.args[0] if node.args else None
+    return None
+
+
 def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> AttentionSite:
     q, k, _ = sdpa_qkv(node)
     qs, ks = shape(q), shape(k)

@@ -43,7 +43,6 @@ class Site:
     kind: str  # "self", "cross" or "mlp"
     name: str
     tokens: int  # rows of the site's output
-    batch: int
 
 
 @dataclass
@@ -119,7 +118,7 @@ def region_sites(gm: fx.GraphModule) -> list[Site]:
     for n in gm.graph.nodes:
         tag = _tag(n)
         if tag is not None and tag["role"] == "update":
-            found[tag["site"]] = Site(tag["site"], tag["block"], tag["kind"], tag["name"], tag["tokens"], tag["batch"])
+            found[tag["site"]] = Site(tag["site"], tag["block"], tag["kind"], tag["name"], tag["tokens"])
     return list(found.values())
 
 
@@ -228,7 +227,7 @@ class TocaPlanner:
         n = len(region.outputs)
         for (role, sid), value in zip(spec.outputs, outputs[n:]):
             if role == "cache":
-                self._store(st.sites[sid], sid, modes[sid], value, extra.get(("rows", sid)))
+                self._store(st.sites[sid], modes[sid], value, extra.get(("rows", sid)))
             else:
                 self._store_score(st, sid, value, extra.get(("rows", sid)), self.score_sites[region.index][sid])
         for site in self.sites[region.index]:
@@ -236,7 +235,7 @@ class TocaPlanner:
                 st.sites[site.id].age += 1
         return list(outputs[:n])
 
-    def _store(self, state: SiteState, sid: int, mode: str, value: torch.Tensor, rows) -> None:
+    def _store(self, state: SiteState, mode: str, value: torch.Tensor, rows) -> None:
         state.cache = value
         if mode == FRESH or state.age is None:
             state.age = torch.zeros(value.shape[:2], dtype=torch.int32, device=value.device)

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 import ditopt.ops  # noqa: F401  (registers torch.ops.ditopt)
-from ditopt.analysis import ADD_TARGETS, PASSTHROUGH, DiTStructure, SkipSpan, _matches, example, sdpa_qkv
+from ditopt.analysis import ADD_TARGETS, PASSTHROUGH, DiTStructure, SkipSpan, _matches, example, q_projection_input
 
 PROBE = "adacache"
 TEACACHE_PROBE = "teacache"
@@ -88,20 +88,12 @@ def _probe_node(structure: DiTStructure, config) -> tuple[str | None, str]:
 
 def _first_modulated_input(gm: fx.GraphModule, structure: DiTStructure) -> str | None:
     """TeaCache's signal: the input of the first block's first Q projection (the modulated hidden state)."""
-    from ditopt.analysis import LINEAR_TARGETS
-
     by_name = {n.name: n for n in gm.graph.nodes}
-    block = structure.blocks[0]
-    for site in block.attention:
-        if site.kind not in ("self", "joint"):
-            continue
-        node = sdpa_qkv(by_name[site.sdpa])[0]
-        for _ in range(16):  # back from Q through head split, norms and RoPE to its projection
-            if not isinstance(node, fx.Node):
-                break
-            if _matches(node, LINEAR_TARGETS):
-                return node.args[0].name
-            node = node.args[0] if node.args else None
+    for site in structure.blocks[0].attention:
+        if site.kind in ("self", "joint"):
+            node = q_projection_input(by_name[site.sdpa])
+            if node is not None:
+                return node.name
     return None
 
 

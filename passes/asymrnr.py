@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 import ditopt.ops  # noqa: F401  (registers torch.ops.ditopt)
-from ditopt.analysis import AttentionSite, DiTStructure, sdpa_qkv, shape
+from ditopt.analysis import AttentionSite, DiTStructure, sdpa_mask_and_scale, sdpa_qkv, shape
 from ditopt.config import Config
 
 ops = torch.ops.ditopt
@@ -54,7 +54,7 @@ def _why_not(site: AttentionSite, node: fx.Node) -> str | None:
 
 
 def _mask(node: fx.Node):
-    return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    return sdpa_mask_and_scale(node)[0]
 
 
 def site_grid(site: AttentionSite, structure: DiTStructure, stride: tuple) -> tuple[tuple, tuple]:

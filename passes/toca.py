@@ -29,42 +29,31 @@ import torch
 import torch.fx as fx
 
 import ditopt.ops  # noqa: F401  (registers torch.ops.ditopt)
-from ditopt.analysis import LINEAR_TARGETS, AttentionSite, Block, DiTStructure, _matches, example, sdpa_qkv, shape
+from ditopt.analysis import (AttentionSite, Block, DiTStructure, example, q_projection_input, sdpa_mask_and_scale,
+                             sdpa_qkv, shape)
 from ditopt.config import Config
 
 ops = torch.ops.ditopt
 META = "ditopt_toca"
 
 
-def _q_projection_input(sdpa: fx.Node, block_nodes: set) -> fx.Node | None:
-    """The value entering the Q projection of an attention call (walking back past head split and norms)."""
-    node = sdpa_qkv(sdpa)[0]
-    for _ in range(16):
-        if not isinstance(node, fx.Node) or node not in block_nodes:
-            return None
-        if _matches(node, LINEAR_TARGETS):
-            return node.args[0] if isinstance(node.args[0], fx.Node) else None
-        node = node.args[0] if node.args else None
-    return None
+def _closure(start: fx.Node, step, within: set) -> set[fx.Node]:
+    """Nodes reached from `start` by `step` (users or inputs), without leaving `within`."""
+    found, frontier = set(), [start]
+    while frontier:
+        for n in step(frontier.pop()):
+            if n in within and n not in found:
+                found.add(n)
+                frontier.append(n)
+    return found
 
 
 def _row_region(x_in: fx.Node, out: fx.Node, block_nodes: set) -> list[fx.Node] | None:
     """Nodes between x_in and out (reached from x_in, reaching out), in graph order."""
-    forward, frontier = set(), [x_in]
-    while frontier:
-        for u in frontier.pop().users:
-            if u in block_nodes and u not in forward:
-                forward.add(u)
-                frontier.append(u)
+    forward = _closure(x_in, lambda n: n.users, block_nodes)
     if out not in forward:
         return None
-    backward, frontier = set(), [out]
-    while frontier:
-        for a in frontier.pop().all_input_nodes:
-            if a in forward and a not in backward:
-                backward.add(a)
-                frontier.append(a)
-    region = forward & (backward | {out})
+    region = forward & (_closure(out, lambda n: n.all_input_nodes, forward) | {out})
     return [n for n in out.graph.nodes if n in region]
 
 
@@ -135,11 +124,6 @@ def _shape_check(x_in: fx.Node, region: list[fx.Node], out: fx.Node) -> str | No
     return None
 
 
-def _mask_and_scale(sdpa: fx.Node):
-    args = list(sdpa.args) + [None] * (7 - len(sdpa.args))
-    return sdpa.kwargs.get("attn_mask", args[3]), sdpa.kwargs.get("scale", args[6])
-
-
 def _tag(node: fx.Node, anchor: fx.Node, **info) -> fx.Node:
     node.meta.update({k: anchor.meta[k] for k in ("nn_module_stack", "stack_trace") if k in anchor.meta})
     node.meta[META] = info
@@ -160,7 +144,7 @@ class _Rewriter:
             if att.kind in ("self", "joint"):
                 self._reuse_site(block, att)
             elif att.kind == "cross":
-                self._row_site(block, att.name, "cross", _q_projection_input(self.nodes[att.sdpa], members),
+                self._row_site(block, att.name, "cross", q_projection_input(self.nodes[att.sdpa], members),
                                att.output, members)
             else:
                 self.skipped.append({"site": att.name, "reason": f"{att.kind} attention"})
@@ -176,7 +160,7 @@ class _Rewriter:
 
     def _new_site(self, block: Block, name: str, kind: str, rows_of: fx.Node) -> dict:
         site = {"site": len(self.sites), "block": block.index, "name": name, "kind": kind,
-                "tokens": int(shape(rows_of)[1]), "batch": int(shape(rows_of)[0])}
+                "tokens": int(shape(rows_of)[1])}
         self.sites.append(site)
         return site
 
@@ -250,7 +234,7 @@ class _Rewriter:
             self.scores.append({"block": block.index, "score": None, "reason": "grouped-query attention"})
             return
         q, k, _ = sdpa_qkv(sdpa)
-        mask, scale = _mask_and_scale(sdpa)
+        mask, scale = sdpa_mask_and_scale(sdpa)
         with self.graph.inserting_before(sdpa):
             _tag(self.graph.call_function(op, (q, k, mask, scale)), sdpa, block=block.index, site=source["site"],
                  kind=kind, role="score")
