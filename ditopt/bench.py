@@ -31,9 +31,7 @@ METHOD_CONFIGS = {
     "toca": {"preset": "lossless", "toca": {"interval": 3, "ratio": 0.1}},
     **{f"toca-{ref}": {"preset": "lossless", "toca": {"reference": ref}} for ref in ("dit", "pixart", "opensora")},
 }
-# FasterCache is left out: with diffusers 0.42 its unconditional-branch hook fails with a shape error
-# on WanTransformer3DModel under batched CFG (docs/benchmarks.md).
-PEERS = ("fbcache", "pab", "taylorseer")
+PEERS = ("fbcache", "pab", "fastercache", "taylorseer", "magcache")
 
 
 def _register_cpu_sdpa_flops() -> None:
@@ -97,8 +95,13 @@ class _Clock:
     t = 1000.0
 
 
-def peer_config(name: str, clock: _Clock = _Clock()):
-    """diffusers' own cache for a peer name, with the settings its docs give for video models."""
+def peer_config(name: str, clock: _Clock = _Clock(), cfg_batched: bool = False, mag_ratios: list[float] | None = None):
+    """diffusers' own cache for a peer name, with the settings its docs give for video models.
+
+    `cfg_batched`: the sampler batches the unconditional and conditional inputs into one call (by
+    keyword, unconditional half first), so FasterCache may also skip the unconditional half.
+    `mag_ratios`: MagCache's calibration for this model and sampler (`magcache_ratios`).
+    """
     import diffusers
 
     if name == "fbcache":
@@ -108,21 +111,62 @@ def peer_config(name: str, clock: _Clock = _Clock()):
         return diffusers.PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
             current_timestep_callback=lambda: clock.t)
+    if name == "fastercache":
+        # diffusers' documented video settings (its CogVideoX example); the model's output is [B, C, F, H, W]
+        return diffusers.FasterCacheConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+            attention_weight_callback=lambda _: 0.3, unconditional_batch_skip_range=5,
+            unconditional_batch_timestep_skip_range=(-1, 781), tensor_format="BCFHW",
+            is_guidance_distilled=not cfg_batched, current_timestep_callback=lambda: clock.t)
     if name == "taylorseer":
         # without identifiers TaylorSeer hooks no module at all: predict whole blocks
         return diffusers.TaylorSeerCacheConfig(cache_interval=5, disable_cache_before_step=3, max_order=1,
                                                taylor_factors_dtype=torch.float32,
                                                cache_identifiers=[r"(blocks|transformer_blocks)\.\d+"])
+    if name == "magcache":
+        if mag_ratios is None:
+            raise ValueError("MagCache needs this model's mag_ratios: calibrate them with bench.magcache_ratios")
+        return diffusers.MagCacheConfig(mag_ratios=mag_ratios, num_inference_steps=len(mag_ratios))
     raise ValueError(f"unknown peer {name!r}; choose one of {list(PEERS)}")
+
+
+def magcache_ratios(model: torch.nn.Module, generate: Callable) -> list[float]:
+    """MagCache's per-step residual magnitude ratios for this model and sampler, from one full-compute
+    generation in diffusers' calibration mode (which prints them, its documented interface)."""
+    import io
+    import re
+
+    import diffusers
+
+    calls = [0]
+    counter = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        generate(model)  # how many model calls one generation makes: MagCache's step count
+    finally:
+        counter.remove()
+    model.enable_cache(diffusers.MagCacheConfig(calibrate=True, num_inference_steps=calls[0]))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            generate(model)
+    finally:
+        model.disable_cache()
+    found = re.findall(r"\[MagCache\] Calibration Complete.*?\n(\[[^\]]*\])", printed.getvalue(), re.S)
+    if not found:
+        raise RuntimeError("MagCache's calibration printed no ratios: does the model call its blocks "
+                           f"as diffusers expects? Output was: {printed.getvalue()[:200]!r}")
+    return [float(x) for x in found[-1].strip("[]").split(",")]
 
 
 CLOCK = _Clock()
 
 
-def _prepare(model: torch.nn.Module, name: str, lowering: str = "inductor"):
+def _prepare(model: torch.nn.Module, name: str, lowering: str = "inductor", generate: Callable | None = None,
+             cfg_batched: bool = False):
     """(callable, how it runs, cleanup) for a configuration name."""
     if name in PEERS:
-        model.enable_cache(peer_config(name, CLOCK))
+        ratios = magcache_ratios(model, generate) if name == "magcache" else None
+        model.enable_cache(peer_config(name, CLOCK, cfg_batched, ratios))
         return model, "eager + diffusers hooks", model.disable_cache
     fn = compile_config(model, name, lowering)
     how = "eager" if name == "eager" else ("inductor" if name == "inductor" else f"ditopt ({lowering})")
@@ -135,13 +179,15 @@ def measure(
     configs: list[str],
     repeats: int = 2,
     flops: bool = True,
+    cfg_batched: bool = False,
 ) -> list[Result]:
     """Run `generate(fn)` (one whole sampling loop that calls fn) for each configuration and compare.
 
     Speed is compared with full compute under Inductor and eagerly (diffusers' peers run as hooks in
     eager mode, their documented use; under torch.compile PAB recompiles each step and FirstBlockCache
     breaks the graph). Fidelity and FLOPs are compared with full compute.  `generate` should set
-    `CLOCK.t` to the current timestep before each step (FasterCache and PAB read it).
+    `CLOCK.t` to the current timestep before each step (FasterCache and PAB read it);
+    `cfg_batched` says that it batches CFG's two halves into one call (see `peer_config`).
     """
     import ditopt
 
@@ -150,7 +196,7 @@ def measure(
     for name in configs:
         torch._dynamo.reset()
         ditopt.reset(model)
-        fn, how, cleanup = _prepare(model, name)
+        fn, how, cleanup = _prepare(model, name, generate=generate, cfg_batched=cfg_batched)
         try:
             start = time.perf_counter()
             out = generate(fn)
@@ -170,7 +216,7 @@ def measure(
         steady = min(times)
         if name in ("eager", "inductor") and reference_out is None:
             reference_out = out
-        gflops, attention = (x / 1e9 for x in count_generation_flops(model, name, generate)) if flops else (None, None)
+        gflops, attention = (x / 1e9 for x in count_generation_flops(model, name, generate, cfg_batched)) if flops else (None, None)
         if gflops is not None and name in ("eager", "inductor") and reference_flops is None:
             reference_flops = gflops
         results.append(Result(
@@ -198,7 +244,8 @@ def measure(
     return results
 
 
-def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable) -> tuple[int, int]:
+def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable,
+                           cfg_batched: bool = False) -> tuple[int, int]:
     """FLOPs of one generation under a configuration: (total, of which in attention cores).
 
     Full compute and diffusers' peers run eagerly under FlopCounterMode. ditopt configurations run
@@ -210,7 +257,7 @@ def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable
 
     torch._dynamo.reset()
     ditopt.reset(model)
-    fn, _, cleanup = _prepare(model, name, lowering="eager")
+    fn, _, cleanup = _prepare(model, name, "eager", generate, cfg_batched)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # FlopCounterMode's module hooks make torch.compile warn

@@ -65,7 +65,8 @@ def _bench(args) -> int:
         generate = bench.euler_loop(inputs, args.steps, latent, models.call)
         title = f"{args.model} ({args.size}), {args.steps} steps, batch {args.batch}"
     with torch.no_grad():
-        results = bench.measure(model, generate, args.configs, repeats=args.repeats, flops=not args.no_flops)
+        results = bench.measure(model, generate, args.configs, repeats=args.repeats, flops=not args.no_flops,
+                                cfg_batched=args.model == "fixture")
     print(bench.to_markdown(results, title))
     print("peak_memory_mb is the CUDA allocator's peak (empty on the CPU)")
     if args.out:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))
     b.add_argument("--size", choices=SIZES, default="tiny")
     b.add_argument("--configs", nargs="+", default=["eager", "inductor", "lossless", "quality", "balanced", "fast",
-                                                     "fbcache", "pab", "taylorseer"])
+                                                     "fbcache", "pab", "fastercache", "taylorseer", "magcache"])
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--seed", type=int, default=0)

@@ -6,25 +6,49 @@ import math
 import pytest
 import torch
 
-from ditopt import bench, models
+from ditopt import bench, fixture, models
 
 
 def test_bench_measures_every_configuration_and_writes_json(tmp_path):
     case = models.build("wan")
     generate = bench.euler_loop(case.inputs(1, 0), 6, "hidden_states", models.call)
     skipping = "ditopt:" + json.dumps({"adacache": {"codebook": {"inf": 3}}})  # skips whenever it may
-    configs = ["eager", "lossless", skipping, "fbcache"]
+    configs = ["eager", "lossless", skipping, *bench.PEERS]
     with torch.no_grad():
         results = bench.measure(case.model, generate, configs, repeats=1)
     bench.write(results, tmp_path, "tiny wan")
     rows = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["config"] for r in rows] == [configs[0], "lossless", configs[2], "fbcache"]
-    eager, lossless, skipping, fbcache = rows
+    assert [r["config"] for r in rows] == configs
+    eager, lossless, skipping, fbcache, *peers = rows
     assert eager["speedup_vs_eager"] == 1.0 and eager["flop_ratio"] == 1.0 and math.isinf(eager["psnr_db"])
     assert lossless["flop_ratio"] == 1.0 and lossless["psnr_db"] > 60  # same math, other kernels
     assert skipping["blocks_skipped_fraction"] > 0 and skipping["flop_ratio"] < 1.0
     assert fbcache["how"] == "eager + diffusers hooks" and fbcache["gflops_per_generation"] > 0
+    assert all(0 < p["flop_ratio"] <= 1 and p["psnr_db"] > 0 for p in peers)
     assert "| lossless | ditopt (inductor) |" in (tmp_path / "bench.md").read_text()
+
+
+def test_fastercache_skips_the_unconditional_half_of_batched_cfg_on_some_steps():
+    model = fixture.load_fixture()
+    clock = bench._Clock()
+    batches = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    model.enable_cache(bench.peer_config("fastercache", clock, cfg_batched=True))
+    try:
+        with torch.no_grad():
+            fixture.sample(model, ["red square moving left"], steps=10, on_step=lambda t: setattr(clock, "t", float(t)))
+    finally:
+        model.disable_cache()
+        hook.remove()
+    assert batches[0] == 2 and 1 in batches  # CFG's two halves at first, the conditional one alone later
+
+
+def test_magcache_ratios_have_one_entry_per_model_call():
+    case = models.build("wan")
+    generate = bench.euler_loop(case.inputs(1, 0), 5, "hidden_states", models.call)
+    with torch.no_grad():
+        ratios = bench.magcache_ratios(case.model, generate)
+    assert len(ratios) == 5 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
 
 
 def test_unknown_configuration_lists_the_valid_ones():
