@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))
     b.add_argument("--size", choices=SIZES, default="tiny")
     b.add_argument("--configs", nargs="+", default=["eager", "inductor", "lossless", "quality", "balanced", "fast",
-                                                     "fbcache", "pab", "fastercache", "taylorseer", "magcache"])
+                                                     "asymrnr", "toca", "fbcache", "pab", "fastercache",
+                                                     "taylorseer", "magcache"],
+                   help="configurations to compare (default: full compute, every preset, each single method "
+                        "and diffusers' caches)")
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--seed", type=int, default=0)
