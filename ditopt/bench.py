@@ -4,7 +4,7 @@ For every configuration: wall time of a whole sampling loop after warm-up
 (ratio against full-compute Inductor), compile time (first loop minus a
 steady one), FLOPs per generation (FlopCounterMode over an eagerly lowered
 run, which makes the same decisions), fidelity (PSNR of the final sample
-against full compute), peak memory where the device reports it.
+against full compute), peak memory of the timed generations where the device reports it (CUDA).
 """
 
 from __future__ import annotations
@@ -202,12 +202,14 @@ def measure(
             out = generate(fn)
             first = time.perf_counter() - start
             times = []
+            _reset_peak_memory()
             for _ in range(repeats):
                 ditopt.reset(model)
                 seen = len(ditopt.stats(model)["generations"])
                 start = time.perf_counter()
                 out = generate(fn)
                 times.append(time.perf_counter() - start)
+            peak_mb = _peak_memory_mb()  # of the timed generations only: not compiling, not counting FLOPs
             skipped = _skipped_fraction(model) if name not in ("eager", "inductor", *PEERS) else None
             asym = _asymrnr_figures(model, seen) if name not in ("eager", "inductor", *PEERS) else None
             toca = _toca_fraction(model, seen) if name not in ("eager", "inductor", *PEERS) else None
@@ -227,7 +229,7 @@ def measure(
             psnr_db=None if reference_out is None else round(psnr(out, reference_out), 2),
             ssim=None if reference_out is None else round(ssim(out, reference_out), 4),
             blocks_skipped_fraction=None if skipped is None else round(skipped, 4),
-            peak_memory_mb=_peak_memory_mb(),
+            peak_memory_mb=peak_mb,
             attention_gflops=None if attention is None else round(attention, 3),
             matching_gflops=asym and round(asym[0], 4), video_attention_fraction=asym and asym[1],
             toca_computed_fraction=toca,
@@ -307,8 +309,17 @@ def _toca_fraction(model, seen: int) -> float | None:
     return round(sum(g["rows_computed"] for g in gens) / max(1, sum(g["rows_total"] for g in gens)), 4)
 
 
-def _peak_memory_mb() -> float | None:
+def _reset_peak_memory() -> None:
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory_mb() -> float | None:
+    """The CUDA allocator's peak since the last reset.  None on the CPU: its allocator keeps no peak, and
+    the process's resident high-water mark mostly measures what earlier configurations left behind."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return None
 

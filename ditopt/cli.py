@@ -68,7 +68,7 @@ def _bench(args) -> int:
         results = bench.measure(model, generate, args.configs, repeats=args.repeats, flops=not args.no_flops,
                                 cfg_batched=args.model == "fixture")
     print(bench.to_markdown(results, title))
-    print("peak_memory_mb is the CUDA allocator's peak (empty on the CPU)")
+    print("peak_memory_mb: the CUDA allocator's peak over the timed generations (empty on the CPU)")
     if args.out:
         bench.write(results, Path(args.out), title)
     return 0

@@ -87,3 +87,24 @@ def test_plot_has_one_point_per_measured_configuration():
     assert len(circles) == 2 and "fast" in labels and "a<b" in labels
     # higher speed-up is drawn higher (smaller y)
     assert float(circles[0].get("cy")) < float(circles[1].get("cy"))
+
+
+def test_peak_memory_is_reset_per_configuration_and_read_after_the_timed_generations(monkeypatch):
+    # the CUDA allocator's peak, faked: every generation "allocates" 1 MiB more than the one before
+    events = []
+    model = torch.nn.Conv2d(3, 3, 1)
+
+    def generate(fn):
+        events.append("generate")
+        return fn(torch.ones(1, 3, 16, 16))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**20 * events.count("generate"))
+    with torch.no_grad():
+        rows = bench.measure(model, generate, ["eager", "eager"], repeats=2)
+    # per configuration: warm-up, reset, two timed generations, read; then the FLOP count's generation
+    assert events == ["generate", "reset", "generate", "generate", "generate"] * 2
+    # read after generation 3 and 7: read after the FLOP count, they would be 4 and 8
+    assert [r.peak_memory_mb for r in rows] == [3.0, 7.0]
