@@ -187,34 +187,24 @@ def measure(
     eager mode, their documented use; under torch.compile PAB recompiles each step and FirstBlockCache
     breaks the graph). Fidelity and FLOPs are compared with full compute.  `generate` should set
     `CLOCK.t` to the current timestep before each step (FasterCache and PAB read it);
-    `cfg_batched` says that it batches CFG's two halves into one call (see `peer_config`).
+    `cfg_batched` says that it batches CFG's two halves into one call (see `peer_config`).  A peer that
+    does not apply to the model (no diffusers cache support, or its hooks fail) is left out with a warning.
     """
-    import ditopt
-
     reference_out, reference_flops = None, None
     results, raw = [], []
     for name in configs:
-        torch._dynamo.reset()
-        ditopt.reset(model)
-        fn, how, cleanup = _prepare(model, name, generate=generate, cfg_batched=cfg_batched)
         try:
-            start = time.perf_counter()
-            out = generate(fn)
-            first = time.perf_counter() - start
-            times = []
-            _reset_peak_memory()
-            for _ in range(repeats):
-                ditopt.reset(model)
-                seen = len(ditopt.stats(model)["generations"])
-                start = time.perf_counter()
-                out = generate(fn)
-                times.append(time.perf_counter() - start)
-            peak_mb = _peak_memory_mb()  # of the timed generations only: not compiling, not counting FLOPs
-            skipped = _skipped_fraction(model) if name not in ("eager", "inductor", *PEERS) else None
-            asym = _asymrnr_figures(model, seen) if name not in ("eager", "inductor", *PEERS) else None
-            toca = _toca_fraction(model, seen) if name not in ("eager", "inductor", *PEERS) else None
-        finally:
-            cleanup()
+            how, first, times, out, peak_mb, seen = _timed_generations(model, name, generate, repeats, cfg_batched)
+        except Exception as err:
+            if name not in PEERS:
+                raise
+            warnings.warn(f"ditopt bench: diffusers' {name} does not apply to {type(model).__name__} and is left "
+                          f"out ({type(err).__name__}: {err})", stacklevel=2)
+            continue
+        ours = name not in ("eager", "inductor", *PEERS)
+        skipped = _skipped_fraction(model) if ours else None
+        asym = _asymrnr_figures(model, seen) if ours else None
+        toca = _toca_fraction(model, seen) if ours else None
         steady = min(times)
         if name in ("eager", "inductor") and reference_out is None:
             reference_out = out
@@ -244,6 +234,31 @@ def measure(
         if reference_flops and gflops is not None:
             r.flop_ratio = round(gflops / reference_flops, 4)
     return results
+
+
+def _timed_generations(model, name: str, generate: Callable, repeats: int, cfg_batched: bool):
+    """Warm up (compiling), then time `repeats` generations: (how, first seconds, timed seconds, last output,
+    peak memory of the timed generations, ditopt generations recorded before the last one)."""
+    import ditopt
+
+    torch._dynamo.reset()
+    ditopt.reset(model)
+    fn, how, cleanup = _prepare(model, name, generate=generate, cfg_batched=cfg_batched)
+    try:
+        start = time.perf_counter()
+        out = generate(fn)
+        first = time.perf_counter() - start
+        times = []
+        _reset_peak_memory()
+        for _ in range(repeats):
+            ditopt.reset(model)
+            seen = len(ditopt.stats(model)["generations"])
+            start = time.perf_counter()
+            out = generate(fn)
+            times.append(time.perf_counter() - start)
+        return how, first, times, out, _peak_memory_mb(), seen  # peak: not compiling, not counting FLOPs
+    finally:
+        cleanup()
 
 
 def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable,

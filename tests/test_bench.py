@@ -51,6 +51,14 @@ def test_magcache_ratios_have_one_entry_per_model_call():
     assert len(ratios) == 5 and ratios[0] == 1.0 and all(r > 0 for r in ratios)
 
 
+def test_a_peer_that_does_not_apply_is_left_out_with_a_warning():
+    case = models.build("stdit")  # plain PyTorch: no diffusers cache hooks
+    generate = bench.euler_loop(case.inputs(1, 0), 2, "x", models.call)
+    with torch.no_grad(), pytest.warns(UserWarning, match="fbcache does not apply to STDiT"):
+        results = bench.measure(case.model, generate, ["eager", "fbcache"], repeats=1, flops=False)
+    assert [r.config for r in results] == ["eager"]
+
+
 def test_unknown_configuration_lists_the_valid_ones():
     with pytest.raises(ValueError, match="use eager, inductor, lossless"):
         bench.compile_config(torch.nn.Linear(2, 2), "turbo")
