@@ -1,31 +1,19 @@
-"""Which words of the prompt does the fixture use?  A loss probe, cheaper and sharper than sampling.
+"""Which words of the prompt does the fixture use?  Prints `ditopt.fixture.probe.word_losses`.
 
     python examples/probe_fixture_conditioning.py [--weights DIR] [--clips 64]
 
-For clips of the training distribution, noised to a few levels, prints the flow-matching loss with
-the right prompt, with one word (colour, shape or direction) swapped for another of its kind, and
-with the empty prompt.  A word the model uses costs loss when swapped; a word it ignores costs none.
+For clips of the training distribution, noised to a few levels, the flow-matching loss with the right
+prompt, with one word (colour, shape or direction) swapped for another of its kind, and with the empty
+prompt.  A word the model uses costs loss when swapped; a word it ignores costs none.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
-import torch
-
-from ditopt.fixture import FIXTURE_DIR, PROMPTS, build_model, prompt_embeddings
-from ditopt.fixture.data import COLOURS, DIRECTIONS, SHAPES, make_video
-
-WORDS = {"colour": (0, tuple(COLOURS)), "shape": (1, SHAPES), "direction": (3, tuple(DIRECTIONS))}
-
-
-def swapped(prompt: str, kind: str, rng: random.Random) -> str:
-    position, choices = WORDS[kind]
-    words = prompt.split()
-    words[position] = rng.choice([w for w in choices if w != words[position]])
-    return " ".join(words)
+from ditopt.fixture import FIXTURE_DIR, build_model
+from ditopt.fixture.probe import VARIANTS, word_losses
 
 
 def main() -> None:
@@ -39,23 +27,9 @@ def main() -> None:
     model = build_model()
     model.load_state_dict(load_file(str(args.weights / "weights.safetensors")))
     model.eval()
-    rng = random.Random(7)
-    prompts = [rng.choice(PROMPTS) for _ in range(args.clips)]
-    x0 = torch.stack([make_video(p, rng.randrange(2**31)) for p in prompts])
-    variants = {"right prompt": prompts, **{f"{kind} swapped": [swapped(p, kind, rng) for p in prompts] for kind in WORDS},
-                "empty prompt": [None] * len(prompts)}
-    gen = torch.Generator().manual_seed(0)
-    print("noise level | " + " | ".join(variants))
-    for s in args.levels:
-        noise = torch.randn(x0.shape, generator=gen)
-        xt = (1 - s) * x0 + s * noise
-        timestep = torch.full((len(prompts),), s * 1000.0)
-        losses = []
-        with torch.no_grad():
-            for variant in variants.values():
-                pred = model(xt, timestep, prompt_embeddings(variant), return_dict=False)[0]
-                losses.append(torch.nn.functional.mse_loss(pred, noise - x0).item())
-        print(f"{s} | " + " | ".join(f"{loss:.4f}" for loss in losses))
+    print("noise level | " + " | ".join(VARIANTS))
+    for level, losses in word_losses(model, args.levels, args.clips).items():
+        print(f"{level} | " + " | ".join(f"{losses[v]:.4f}" for v in VARIANTS))
 
 
 if __name__ == "__main__":

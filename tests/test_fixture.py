@@ -32,3 +32,14 @@ def test_unconditional_samples_do_not_prefer_the_prompted_colour():
 def test_training_log_is_shipped_and_ends_lower_than_it_starts():
     log = fixture.training_log()
     assert log[0]["step"] == 50 and log[-1]["loss"] < log[0]["loss"] / 4
+
+
+def test_swapping_the_colour_or_shape_word_of_the_prompt_costs_loss():
+    from ditopt.fixture.probe import word_losses
+
+    losses = word_losses(fixture.load_fixture(), levels=(0.85, 0.5), clips=32)
+    for level, at in losses.items():
+        assert at["colour swapped"] > 1.3 * at["right prompt"], (level, at)
+        assert at["empty prompt"] > 1.1 * at["right prompt"], (level, at)
+    # the shape is drawn from the prompt once the noise leaves it visible
+    assert losses[0.5]["shape swapped"] > 1.05 * losses[0.5]["right prompt"], losses[0.5]
