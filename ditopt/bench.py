@@ -161,12 +161,11 @@ def magcache_ratios(model: torch.nn.Module, generate: Callable) -> list[float]:
 CLOCK = _Clock()
 
 
-def _prepare(model: torch.nn.Module, name: str, lowering: str = "inductor", generate: Callable | None = None,
-             cfg_batched: bool = False):
+def _prepare(model: torch.nn.Module, name: str, lowering: str = "inductor", cfg_batched: bool = False,
+             mag_ratios: list[float] | None = None):
     """(callable, how it runs, cleanup) for a configuration name."""
     if name in PEERS:
-        ratios = magcache_ratios(model, generate) if name == "magcache" else None
-        model.enable_cache(peer_config(name, CLOCK, cfg_batched, ratios))
+        model.enable_cache(peer_config(name, CLOCK, cfg_batched, mag_ratios))
         return model, "eager + diffusers hooks", model.disable_cache
     fn = compile_config(model, name, lowering)
     how = "eager" if name == "eager" else ("inductor" if name == "inductor" else f"ditopt ({lowering})")
@@ -194,7 +193,9 @@ def measure(
     results, raw = [], []
     for name in configs:
         try:
-            how, first, times, out, peak_mb, seen = _timed_generations(model, name, generate, repeats, cfg_batched)
+            ratios = magcache_ratios(model, generate) if name == "magcache" else None  # once: timing and FLOPs
+            how, first, times, out, peak_mb, seen = _timed_generations(model, name, generate, repeats, cfg_batched,
+                                                                       ratios)
         except Exception as err:
             if name not in PEERS:
                 raise
@@ -208,7 +209,7 @@ def measure(
         steady = min(times)
         if name in ("eager", "inductor") and reference_out is None:
             reference_out = out
-        gflops, attention = (x / 1e9 for x in count_generation_flops(model, name, generate, cfg_batched)) if flops else (None, None)
+        gflops, attention = (x / 1e9 for x in count_generation_flops(model, name, generate, cfg_batched, ratios)) if flops else (None, None)
         if gflops is not None and name in ("eager", "inductor") and reference_flops is None:
             reference_flops = gflops
         results.append(Result(
@@ -236,14 +237,15 @@ def measure(
     return results
 
 
-def _timed_generations(model, name: str, generate: Callable, repeats: int, cfg_batched: bool):
+def _timed_generations(model, name: str, generate: Callable, repeats: int, cfg_batched: bool,
+                       mag_ratios: list[float] | None):
     """Warm up (compiling), then time `repeats` generations: (how, first seconds, timed seconds, last output,
     peak memory of the timed generations, ditopt generations recorded before the last one)."""
     import ditopt
 
     torch._dynamo.reset()
     ditopt.reset(model)
-    fn, how, cleanup = _prepare(model, name, generate=generate, cfg_batched=cfg_batched)
+    fn, how, cleanup = _prepare(model, name, cfg_batched=cfg_batched, mag_ratios=mag_ratios)
     try:
         start = time.perf_counter()
         out = generate(fn)
@@ -261,20 +263,23 @@ def _timed_generations(model, name: str, generate: Callable, repeats: int, cfg_b
         cleanup()
 
 
-def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable,
-                           cfg_batched: bool = False) -> tuple[int, int]:
+def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable, cfg_batched: bool = False,
+                           mag_ratios: list[float] | None = None) -> tuple[int, int]:
     """FLOPs of one generation under a configuration: (total, of which in attention cores).
 
     Full compute and diffusers' peers run eagerly under FlopCounterMode. ditopt configurations run
     with the eager lowering (same decisions) and are counted from inside the runtime
     (`ditopt.runtime.count_flops`), since Dynamo bypasses compiled code while a dispatch mode is active.
+    MagCache without `mag_ratios` is calibrated here first (`magcache_ratios`).
     """
     import ditopt
     from ditopt.runtime import attention_flops, count_flops
 
     torch._dynamo.reset()
     ditopt.reset(model)
-    fn, _, cleanup = _prepare(model, name, "eager", generate, cfg_batched)
+    if name == "magcache" and mag_ratios is None:
+        mag_ratios = magcache_ratios(model, generate)
+    fn, _, cleanup = _prepare(model, name, "eager", cfg_batched, mag_ratios)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # FlopCounterMode's module hooks make torch.compile warn

@@ -98,5 +98,6 @@ def _printable(options: dict) -> dict:
                                         for t, r in options["adacache"]["codebook"].items()}}
     return out
 
+
 if __name__ == "__main__":
     main()
