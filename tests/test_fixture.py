@@ -1,9 +1,11 @@
-"""The shipped fixture loads offline and its samples carry the prompt's colour (its conditioning)."""
+"""The shipped fixture loads offline and its samples carry the prompt: its colour and its direction of motion."""
 
 import torch
 
 from ditopt import fixture
 from ditopt.fixture.data import COLOURS, measure_motion, parse_prompt
+
+AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
 
 
 def test_fixture_samples_show_the_prompted_colour_and_no_other():
@@ -20,6 +22,22 @@ def test_fixture_samples_show_the_prompted_colour_and_no_other():
     assert hits >= 7, f"only {hits} of {len(prompts)} samples show their prompt's colour alone"
 
 
+def test_fixture_samples_move_the_prompted_direction():
+    # chance is 1/4 for the direction and 1/2 for its axis (vertical or horizontal)
+    model = fixture.load_fixture()
+    prompts = list(fixture.PROMPTS)
+    with torch.no_grad():
+        videos = fixture.sample(model, prompts, seed=12, steps=20)
+    directions = axes = 0
+    for video, prompt in zip(videos, prompts):
+        colour, _, direction = parse_prompt(prompt)
+        _, moved = measure_motion(video, colour)
+        directions += moved == direction
+        axes += moved is not None and AXIS[moved] == AXIS[direction]
+    assert directions >= 24, f"only {directions} of {len(prompts)} samples move in their prompt's direction"
+    assert axes >= 28, f"only {axes} of {len(prompts)} samples move along their prompt's axis"
+
+
 def test_unconditional_samples_do_not_prefer_the_prompted_colour():
     # the control for the test above: without the prompt, the colour is not forced
     model = fixture.load_fixture()
@@ -34,7 +52,7 @@ def test_training_log_is_shipped_and_ends_lower_than_it_starts():
     assert log[0]["step"] == 50 and log[-1]["loss"] < log[0]["loss"] / 4
 
 
-def test_swapping_the_colour_or_shape_word_of_the_prompt_costs_loss():
+def test_swapping_any_word_of_the_prompt_costs_loss():
     from ditopt.fixture.probe import word_losses
 
     losses = word_losses(fixture.load_fixture(), levels=(0.85, 0.5), clips=32)
@@ -43,3 +61,5 @@ def test_swapping_the_colour_or_shape_word_of_the_prompt_costs_loss():
         assert at["empty prompt"] > 1.1 * at["right prompt"], (level, at)
     # the shape is drawn from the prompt once the noise leaves it visible
     assert losses[0.5]["shape swapped"] > 1.05 * losses[0.5]["right prompt"], losses[0.5]
+    # the direction decides where the trail goes while the shape is still hidden in noise
+    assert losses[0.85]["direction swapped"] > 1.2 * losses[0.85]["right prompt"], losses[0.85]
