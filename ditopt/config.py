@@ -21,9 +21,9 @@ DEFAULT_PRESET = "balanced"
 # the fastest codebook whose worst-seed PSNR against full compute stays >= 35 dB (quality), >= 30 dB
 # (balanced) and >= 25 dB (fast).
 PRESET_CODEBOOKS = {
-    "quality": {0.023947: 6, 0.047893: 5, 0.07184: 4, 0.095787: 3, 0.119733: 2, math.inf: 1},
+    "quality": {0.026782: 6, 0.053565: 5, 0.080347: 4, 0.10713: 3, 0.133912: 2, math.inf: 1},
     "balanced": {0.054798: 6, 0.109597: 5, 0.164395: 4, 0.219193: 3, 0.273991: 2, math.inf: 1},
-    "fast": {0.077755: 6, 0.15551: 5, 0.233265: 4, 0.31102: 3, 0.388776: 2, math.inf: 1},
+    "fast": {0.09524: 6, 0.19048: 5, 0.28572: 4, 0.380961: 3, 0.476201: 2, math.inf: 1},
 }
 
 

@@ -24,7 +24,7 @@ from ditopt.metrics import psnr
 from ditopt.runtime import count_flops
 
 FLOORS = {"quality": 35.0, "balanced": 30.0, "fast": 25.0}
-TARGETS = (1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5)
+TARGETS = (1.25, 1.5, 1.6, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5)
 # The reference's gentler "slow" shape, one threshold: the calibrated family skips too much for 35 dB.
 GENTLE = ({0.09: 2, math.inf: 1}, {0.10: 2, math.inf: 1}, {0.12: 2, math.inf: 1})
 TOCA = ({"interval": 2, "ratio": 0.5}, {"interval": 2, "ratio": 0.3}, {"interval": 3, "ratio": 0.5},
