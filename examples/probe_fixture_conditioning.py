@@ -8,7 +8,7 @@ prompt.  A word the model uses costs loss when swapped; a word it ignores costs 
 
 With --sample-seeds it also samples all 32 prompts once per seed (30 steps, CFG 4) and prints, per
 seed, the fraction of samples showing the prompt's colour, moving its direction, and both
-(`fixture.conditioning_score`), then the fraction of prompts right in most of the seeds.
+(`fixture.prompt_shown`; both is `fixture.conditioning_score`), then the fraction of prompts right in most of the seeds.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ditopt.fixture import FIXTURE_DIR, PROMPTS, build_model, measure_motion, parse_prompt, sample
+from ditopt.fixture import FIXTURE_DIR, PROMPTS, build_model, prompt_shown, sample
 from ditopt.fixture.probe import VARIANTS, word_losses
 
 
@@ -46,12 +46,11 @@ def print_sampled_conditioning(model, seeds: list[int]) -> None:
     for seed in seeds:
         colour = direction = both = 0
         for video, prompt in zip(sample(model, prompts, seed=seed, steps=30), prompts):
-            wanted_colour, _, wanted_direction = parse_prompt(prompt)
-            found, moved = measure_motion(video, wanted_colour)
-            colour += found >= 0.75
-            direction += moved == wanted_direction
-            both += found >= 0.75 and moved == wanted_direction
-            right[prompt] += found >= 0.75 and moved == wanted_direction
+            colour_shown, direction_right = prompt_shown(video, prompt)
+            colour += colour_shown
+            direction += direction_right
+            both += colour_shown and direction_right
+            right[prompt] += colour_shown and direction_right
         n = len(prompts)
         print(f"{seed} | {colour / n:.3f} | {direction / n:.3f} | {both / n:.3f}")
     most = sum(hits > len(seeds) / 2 for hits in right.values())
