@@ -9,14 +9,18 @@ same way as a diffusers one.  A graph that does not look like a DiT raises
 
 from __future__ import annotations
 
-import operator
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: F401
+
+from .patterns import (ACTIVATIONS, ADD_TARGETS, CATS, CONV_TARGETS, DIV_TARGETS, LINEAR_TARGETS, MATMUL_TARGETS,
+                       MUL_TARGETS,
+                       PASSTHROUGH, SDPA_TARGETS, SIN_COS, SPLITS, TRANSPOSES, call_args, chain_back, first_reached,
+                       inputs, is_call, sdpa_qkv, users, walk)
 
 
 class UnsupportedGraph(Exception):
@@ -26,29 +30,29 @@ class UnsupportedGraph(Exception):
 @dataclass
 class AttentionSite:
     name: str  # module path, e.g. "blocks.0.attn1"
-    kind: str  # "self", "cross", "joint" or "other"
+    kind: str  # "self", "cross", "joint", "linear" (a linear attention, found by its K^T V product) or "other"
     axis: str  # "full", "spatial" or "temporal" (which video axes the sequence spans)
-    sdpa: str  # node name of the attention call
+    sdpa: fx.Node  # the attention call (for a linear attention, its K^T V product)
     q_len: int
     kv_len: int
     heads: int
     head_dim: int
     video_span: tuple[int, int] | None  # (start, length) of video tokens in the sequence
-    output: str | None  # the out-projection's node, before any gate
-    gate: str | None  # the node multiplied onto the output before the residual add
-    residual_add: str | None
-    branch: str | None = None  # the operand the site contributes to the residual add (gated output)
+    output: fx.Node | None  # the out-projection, before any gate
+    gate: fx.Node | None  # the node multiplied onto the output before the residual add
+    residual_add: fx.Node | None
+    branch: fx.Node | None = None  # the operand the site contributes to the residual add (gated output)
 
 
 @dataclass
 class MLPSite:
     name: str
-    input: str  # node feeding the first linear
-    output: str  # the second linear's node, before any gate
+    input: fx.Node  # feeds the first linear
+    output: fx.Node  # the second linear, before any gate
     hidden: int
-    gate: str | None
-    residual_add: str | None
-    branch: str | None = None
+    gate: fx.Node | None
+    residual_add: fx.Node | None
+    branch: fx.Node | None = None
 
 
 @dataclass
@@ -56,8 +60,8 @@ class Block:
     index: int
     path: str  # e.g. "transformer_blocks.3"
     module_type: str
-    first_node: str
-    last_node: str
+    first_node: fx.Node
+    last_node: fx.Node
     num_nodes: int
     attention: list[AttentionSite] = field(default_factory=list)
     mlps: list[MLPSite] = field(default_factory=list)
@@ -77,28 +81,16 @@ class TokenLayout:
 
 
 @dataclass
-class SkipSpan:
-    """Adjacent blocks that can be skipped together: each value the span hands on is a residual
-    update of one of its inputs, `streams` = [(input node, output node)]."""
-
-    id: int
-    blocks: list[int]
-    streams: list[tuple[str, str]]
-    decide_after: str | None = None  # a probe inside the span that the skip decision waits for
-
-
-@dataclass
 class DiTStructure:
     blocks: list[Block]
     layout: TokenLayout
-    latent_input: str
-    timestep_input: str | None
+    latent_input: fx.Node
+    timestep_input: fx.Node | None
     excluded_blocks: list[dict] = field(default_factory=list)  # blocks found but left unchanged, with why
-    skip_spans: list[SkipSpan] = field(default_factory=list)  # filled by the adacache pass
-    probes: dict[str, str] = field(default_factory=dict)  # probe name -> node name, read by runtime policies
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The structure as JSON-able data, nodes by name."""
+        return _jsonable(self)
 
     def describe(self) -> str:
         """A short human-readable summary, as `ditopt inspect` prints it."""
@@ -119,19 +111,17 @@ class DiTStructure:
         return "\n".join(lines)
 
 
-SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
-CONV_TARGETS = {torch.conv2d, torch.conv3d, F.conv2d, F.conv3d}
-ACTIVATIONS = {F.gelu, torch._C._nn.gelu, F.silu, torch.nn.functional.relu, torch.relu, F.mish, torch.tanh, torch.sigmoid}
-ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
-MUL_TARGETS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-# Ops that carry a tensor through unchanged in meaning (layout, dtype, no-op dropout).
-PASSTHROUGH = {
-    F.dropout, torch.nn.functional.dropout, operator.getitem, torch.flatten, torch.reshape, torch.permute,
-    torch.transpose, torch.squeeze, torch.unsqueeze,
-    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "to", "float", "type_as",
-    "half", "bfloat16", "squeeze", "unsqueeze", "clone", "__getitem__",
-}
+def _jsonable(value):
+    if isinstance(value, fx.Node):
+        return value.name
+    if is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
 
 _PATH_RE = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]|\['([^']+)'\]")
 
@@ -172,8 +162,7 @@ def is_weight(node: fx.Node) -> bool:
     return node.op == "placeholder" and ("_parameters_" in node.name or "_buffers_" in node.name)
 
 
-def _matches(node: fx.Node, targets) -> bool:
-    return node.op in ("call_function", "call_method") and node.target in targets
+_matches = is_call
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -195,26 +184,12 @@ def _find_latent(graph: fx.Graph) -> fx.Node:
     return max(candidates, key=lambda n: example(n).numel())
 
 
-def _reaches(start: fx.Node, targets, limit: int = 12) -> bool:
-    frontier, seen = [start], set()
-    for _ in range(limit):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                if _matches(u, targets):
-                    return True
-                nxt.append(u)
-        frontier = nxt
-    return False
-
-
 def _find_timestep(graph: fx.Graph) -> fx.Node | None:
-    """The timestep input: a small data input that feeds a sinusoidal embedding."""
+    """The timestep input: a small data input that feeds a sinusoidal embedding (found among the
+    values of rank <= 2, where an embedding of one number per sample lives)."""
+    embedding = {n for n in graph.nodes if (v := example(n)) is not None and v.dim() <= 2}
     candidates = [n for n in _data_placeholders(graph) if example(n).dim() <= 1]
-    sinusoidal = [n for n in candidates if _reaches(n, {torch.sin, torch.cos, "sin", "cos"})]
+    sinusoidal = [n for n in candidates if first_reached(n, users, SIN_COS, within=embedding) is not None]
     named = [n for n in sinusoidal if "timestep" in n.name or n.name in ("l_t_", "l_kwargs_t_")]
     if named or sinusoidal:
         return (named or sinusoidal)[0]
@@ -241,7 +216,7 @@ def _token_layout(graph: fx.Graph, latent: fx.Node, text: fx.Node | None) -> Tok
     if lat.dim() == 3:  # already tokens, [B, S, C] (LTX packs its latents before the model)
         return TokenLayout(batch, int(lat.shape[1]), None, text_tokens)
     for node in graph.nodes:
-        if _matches(node, CONV_TARGETS) and _depends_on(node, latent, limit=8):
+        if _matches(node, CONV_TARGETS) and latent in set(walk(node, inputs)):
             out = shape(node)
             if len(out) == 5:  # conv3d: [B, C, F, H, W]
                 grid = (int(out[2]), int(out[3]), int(out[4]))
@@ -249,20 +224,6 @@ def _token_layout(graph: fx.Graph, latent: fx.Node, text: fx.Node | None) -> Tok
                 grid = (int(out[0]) // batch, int(out[2]), int(out[3]))
             return TokenLayout(batch, grid[0] * grid[1] * grid[2], grid, text_tokens)
     raise UnsupportedGraph("no patch-embedding convolution over the latent input was found")
-
-
-def _depends_on(node: fx.Node, ancestor: fx.Node, limit: int) -> bool:
-    frontier = [node]
-    for _ in range(limit):
-        nxt = []
-        for n in frontier:
-            for a in n.all_input_nodes:
-                if a is ancestor:
-                    return True
-                if a.op != "placeholder":
-                    nxt.append(a)
-        frontier = nxt
-    return False
 
 
 # ---------------------------------------------------------------------------
@@ -277,9 +238,33 @@ def _block_path_of(node: fx.Node) -> tuple[str, str] | None:
     return None
 
 
-def _find_blocks(graph: fx.Graph) -> list[tuple[str, str, list[fx.Node]]]:
+def _token_counts(layout: TokenLayout) -> set[int]:
+    """Sequence lengths an attention over video tokens can have: all of them, one frame, one token column."""
+    counts = {layout.video_tokens}
+    if layout.grid is not None:
+        counts |= {layout.grid[1] * layout.grid[2], layout.grid[0]} - {1}
+    return counts
+
+
+def is_linear_attention(node: fx.Node, tokens: set[int]) -> bool:
+    """The K^T V product of a linear attention: a matmul that contracts the token axis of two per-token
+    operands, a [.., D, N] @ b [.., N, E] -> [.., D, E] with N a video sequence length larger than D and E."""
+    if not _matches(node, MATMUL_TARGETS) or len(node.args) < 2:
+        return False
+    a, b, out = shape(node.args[0]), shape(node.args[1]), shape(node)
+    if a is None or b is None or out is None or len(a) < 2 or len(b) < 2:
+        return False
+    n = a[-1]
+    return n == b[-2] and n in tokens and n > max(a[-2], b[-1])
+
+
+def _attention_nodes(nodes: list[fx.Node], tokens: set[int]) -> list[fx.Node]:
+    return [n for n in nodes if _matches(n, SDPA_TARGETS) or is_linear_attention(n, tokens)]
+
+
+def _find_blocks(graph: fx.Graph, layout: TokenLayout) -> list[tuple[str, str, list[fx.Node]]]:
     nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-    attention_blocks = {bp for n in nodes if _matches(n, SDPA_TARGETS) and (bp := _block_path_of(n))}
+    attention_blocks = {bp for n in _attention_nodes(nodes, _token_counts(layout)) if (bp := _block_path_of(n))}
     if not attention_blocks:
         raise UnsupportedGraph("no attention call inside a repeated module (a list of transformer blocks) was found")
     members: dict[str, list[fx.Node]] = {}
@@ -318,117 +303,76 @@ def _is_scalar_op(node: fx.Node, targets) -> bool:
 def _walk_forward_to_residual(start: fx.Node, block_nodes: set, prefer_len: int | None = None):
     """From a site's output, follow pass-through ops and one gate multiply to the residual add.
 
-    Returns (gate, residual add, branch): node names of the gate, the add, and the add's
+    Returns (gate, residual add, branch): the gate, the add, and the add's
     operand that carries the site's contribution.
 
     Where the output is split (joint attention splits text from video), follow the part
     whose sequence length is `prefer_len`.
     """
     node, gate = start, None
-    for _ in range(16):
-        users = [u for u in node.users if u in block_nodes]
-        if not users:
+    while True:  # one path forward through the block: it ends at an add or at an op that is none of these
+        after = [u for u in node.users if u in block_nodes]
+        if not after:
             return gate, None, None
-        if len(users) > 1 and prefer_len is not None:
-            users = [u for u in users if (shape(u) or (None,))[1:2] == (prefer_len,)] or users
-        user = users[0]
+        if len(after) > 1 and prefer_len is not None:
+            after = [u for u in after if (shape(u) or (None,))[1:2] == (prefer_len,)] or after
+        user = after[0]
         if _matches(user, ADD_TARGETS):
-            return gate, user.name, node.name
-        if _is_scalar_op(user, MUL_TARGETS | {operator.truediv, "div"}):
+            return gate, user, node
+        if _is_scalar_op(user, MUL_TARGETS | DIV_TARGETS):
             pass
         elif _matches(user, MUL_TARGETS) and gate is None:
             other = [a for a in user.all_input_nodes if a is not node]
-            gate = other[0].name if other else None
-        elif not _matches(user, PASSTHROUGH | {"split", "chunk", torch.split, torch.chunk}):
+            gate = other[0] if other else None
+        elif not _matches(user, PASSTHROUGH | SPLITS):
             return gate, None, None
         node = user
-    return gate, None, None
 
 
 def _first_linear_after(node: fx.Node, block_nodes: set) -> fx.Node | None:
-    frontier = [node]
-    for _ in range(8):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u not in block_nodes:
-                    continue
-                if _matches(u, LINEAR_TARGETS):
-                    return u
-                nxt.append(u)
-        frontier = nxt
-    return None
+    return first_reached(node, users, LINEAR_TARGETS, within=block_nodes)
 
 
 def _find_seq_cat(q: fx.Node, seq_len: int, video_tokens: int, block_nodes: set) -> tuple[int, int] | None:
     """Where the video tokens sit in a joint sequence: look back from Q for the concatenation."""
-    frontier, seen = [q], set()
-    for _ in range(24):
-        nxt = []
-        for n in frontier:
-            if n in seen or n not in block_nodes:
-                continue
-            seen.add(n)
-            if _matches(n, {torch.cat, torch.concat}):
-                parts = n.args[0] if n.args else n.kwargs.get("tensors")
-                dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-                sizes = [shape(p)[dim] if shape(p) else None for p in parts]
-                if None not in sizes and sum(sizes) == seq_len and video_tokens in sizes:
-                    i = sizes.index(video_tokens)
-                    return (sum(sizes[:i]), video_tokens)
-            nxt.extend(n.all_input_nodes)
-        frontier = nxt
+    for n in walk(q, inputs, within=block_nodes):
+        if _matches(n, CATS):
+            a = call_args(n, "cat")
+            sizes = [shape(p)[a["dim"]] if shape(p) else None for p in a["tensors"]]
+            if None not in sizes and sum(sizes) == seq_len and video_tokens in sizes:
+                i = sizes.index(video_tokens)
+                return (sum(sizes[:i]), video_tokens)
     return None
-
 
 def _transposes_tokens_before(q: fx.Node, block_nodes: set) -> bool:
     """Whether the input of Q's projection was transposed inside the block (frames moved next to batch)."""
-    node = q
-    for _ in range(16):  # back to the projection (past head split, norms, RoPE)
-        if not isinstance(node, fx.Node) or node not in block_nodes:
-            return False
-        if _matches(node, LINEAR_TARGETS):
-            break
-        node = node.args[0] if node.args else None
-    else:
-        return False
-    node = node.args[0]
-    for _ in range(12):
-        if not isinstance(node, fx.Node) or node not in block_nodes:
-            return False
-        if _matches(node, {"transpose", "permute", torch.transpose, torch.permute}):
-            return True
-        if not _matches(node, PASSTHROUGH):
-            return False
-        node = node.args[0]
-    return False
-
-
-def sdpa_qkv(node: fx.Node) -> list:
-    """query, key, value of an attention call, whether passed by position or by keyword."""
-    return list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")[len(node.args[:3]):]]
-
-
-def sdpa_mask_and_scale(node: fx.Node) -> tuple:
-    """attn_mask and scale of an attention call, whether passed by position or by keyword (None if absent)."""
-    args = list(node.args) + [None] * (7 - len(node.args))
-    return node.kwargs.get("attn_mask", args[3]), node.kwargs.get("scale", args[6])
-
+    linear = chain_back(q, LINEAR_TARGETS, None, within=block_nodes)  # past head split, norms, RoPE
+    return linear is not None and chain_back(linear.args[0], TRANSPOSES, PASSTHROUGH, within=block_nodes) is not None
 
 def q_projection_input(sdpa: fx.Node, within: set | None = None) -> fx.Node | None:
     """The value entering the Q projection of an attention call: back from Q through head split,
     norms and RoPE to the linear, staying inside `within` when given."""
-    node = sdpa_qkv(sdpa)[0]
-    for _ in range(16):
-        if not isinstance(node, fx.Node) or (within is not None and node not in within):
-            return None
-        if _matches(node, LINEAR_TARGETS):
-            return node.args[0] if isinstance(node.args[0], fx.Node) else None
-        node = node.args[0] if node.args else None
-    return None
+    linear = chain_back(sdpa_qkv(sdpa)[0], LINEAR_TARGETS, None, within=within)
+    return linear.args[0] if linear is not None and isinstance(linear.args[0], fx.Node) else None
+
+
+def _linear_attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> AttentionSite:
+    """A linear attention, found by its K^T V product; AdaCache probes it, the other methods decline it."""
+    k_t = shape(node.args[0])
+    n, head_dim = int(k_t[-1]), int(k_t[-2])
+    heads = int(k_t[1]) if len(k_t) == 4 else 1
+    grid = layout.grid
+    axis = "spatial" if grid and n == grid[1] * grid[2] and n != layout.video_tokens else "full"
+    out = _first_linear_after(node, block_nodes)
+    gate, residual, branch = (_walk_forward_to_residual(out, block_nodes) if out is not None else (None, None, None))
+    return AttentionSite(name=module_path(node) or node.name, kind="linear", axis=axis, sdpa=node, q_len=n,
+                         kv_len=n, heads=heads, head_dim=head_dim, video_span=(0, n), output=out, gate=gate,
+                         residual_add=residual, branch=branch)
 
 
 def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> AttentionSite:
+    if not _matches(node, SDPA_TARGETS):
+        return _linear_attention_site(node, layout, block_nodes)
     q, k, _ = sdpa_qkv(node)
     qs, ks = shape(q), shape(k)
     if qs is None or ks is None or len(qs) != 4:
@@ -456,8 +400,8 @@ def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> Att
     gate, residual, branch = (_walk_forward_to_residual(out, block_nodes, span[1] if span else None)
                               if out is not None else (None, None, None))
     return AttentionSite(
-        name=module_path(node) or node.name, kind=kind, axis=axis, sdpa=node.name, q_len=q_len, kv_len=kv_len,
-        heads=heads, head_dim=head_dim, video_span=span, output=out.name if out is not None else None,
+        name=module_path(node) or node.name, kind=kind, axis=axis, sdpa=node, q_len=q_len, kv_len=kv_len,
+        heads=heads, head_dim=head_dim, video_span=span, output=out,
         gate=gate, residual_add=residual, branch=branch,
     )
 
@@ -466,23 +410,22 @@ def _mlp_sites(block_nodes: list[fx.Node], attention_outputs: set, attention_mod
     node_set = set(block_nodes)
     sites = []
     for down in block_nodes:
-        if not _matches(down, LINEAR_TARGETS) or down.name in attention_outputs:
+        if not _matches(down, LINEAR_TARGETS) or down in attention_outputs:
             continue
         path = module_path(down) or ""
         if any(path == m or path.startswith(m + ".") for m in attention_modules):
             continue
         out_features = shape(down)[-1]
         # Walk back from the down projection through activations to the up projection.
-        node, saw_activation = down.args[0], False
-        for _ in range(8):
-            if not isinstance(node, fx.Node) or node not in node_set:
-                break
+        node, saw_activation, seen = down.args[0], False, set()
+        while isinstance(node, fx.Node) and node in node_set and node not in seen:
+            seen.add(node)
             if _matches(node, LINEAR_TARGETS):
                 up_in = shape(node.args[0])
                 if saw_activation and up_in and up_in[-1] == out_features and shape(node)[-1] >= out_features:
                     gate, residual, branch = _walk_forward_to_residual(down, node_set)
                     common = _common_prefix(module_path(node) or "", path)
-                    sites.append(MLPSite(common or path, node.args[0].name, down.name, int(shape(node)[-1]), gate,
+                    sites.append(MLPSite(common or path, node.args[0], down, int(shape(node)[-1]), gate,
                                          residual, branch))
                 break
             if _matches(node, ACTIVATIONS) or _matches(node, MUL_TARGETS):
@@ -514,14 +457,15 @@ def analyze(gm: fx.GraphModule) -> DiTStructure:
     text = _find_text(graph, latent)
     layout = _token_layout(graph, latent, text)
     timestep = _find_timestep(graph)
-    found = _find_blocks(graph)
+    found = _find_blocks(graph, layout)
+    tokens = _token_counts(layout)
     blocks = []
     for path, type_name, nodes in found:
         node_set = set(nodes)
-        attention = [_attention_site(n, layout, node_set) for n in nodes if _matches(n, SDPA_TARGETS)]
+        attention = [_attention_site(n, layout, node_set) for n in _attention_nodes(nodes, tokens)]
         att_modules = sorted({a.name for a in attention})
         mlps = _mlp_sites(nodes, {a.output for a in attention if a.output}, att_modules)
-        blocks.append(Block(len(blocks), path, type_name, nodes[0].name, nodes[-1].name, len(nodes), attention, mlps))
+        blocks.append(Block(len(blocks), path, type_name, nodes[0], nodes[-1], len(nodes), attention, mlps))
     blocks, excluded = _drop_partial_blocks(blocks)
     video_blocks = [b for b in blocks if any(a.kind != "other" for a in b.attention)]
     excluded += [{"path": b.path, "reason": "attends over no video tokens (a text refiner?)"}
@@ -531,7 +475,7 @@ def analyze(gm: fx.GraphModule) -> DiTStructure:
         raise UnsupportedGraph("no complete transformer block is in this graph (graph breaks cut them)")
     for i, b in enumerate(blocks):
         b.index = i
-    return DiTStructure(blocks, layout, latent.name, timestep.name if timestep is not None else None, excluded)
+    return DiTStructure(blocks, layout, latent, timestep, excluded)
 
 
 def _drop_partial_blocks(blocks: list[Block]) -> tuple[list[Block], list[dict]]:

@@ -10,6 +10,7 @@ block variants, not O(N).
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -17,19 +18,19 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import ops  # noqa: F401  (registers torch.ops.ditopt)
 from .analysis import DiTStructure
-from .config import Config
+from .method import Tag, tag_of
 
 
 @dataclass
 class Region:
     index: int
-    kind: str  # "prologue", "block", "match" (run by the runtime's planner), "glue" or "epilogue"
+    kind: str  # "prologue", "block", "own" (a method's hook runs it), "glue" or "epilogue"
     block: int | None  # index into DiTStructure.blocks for block regions
     gm: fx.GraphModule
-    inputs: list[str]  # names of the values it reads, in the parent graph
-    outputs: list[str]  # names of the values it defines that are read later
+    inputs: list[fx.Node]  # the values it reads, as nodes of the parent graph
+    outputs: list[fx.Node]  # the values it defines that are read later (or that a hook reads)
+    owner: Tag | None = None  # for "own" regions: the tag of the method node it holds
     input_slots: list[int] = field(default_factory=list)
     output_slots: list[int] = field(default_factory=list)
     free_after: list[int] = field(default_factory=list)  # slots whose last reader is this region
@@ -40,78 +41,65 @@ class Region:
 
 
 @dataclass
-class SpanPlan:
-    """A skippable run of block regions, in slot terms: the runtime's view of a SkipSpan."""
+class Lowered:
+    """A rewritten graph cut into regions: what the runtime runs and what method hooks are built from."""
 
-    id: int
-    first: int  # region index
-    last: int
-    streams: list[tuple[int, int]]  # (input slot, output slot)
-    free_after: list[int]  # slots read last inside the span, to free when it is skipped
-    num_blocks: int
-    decide_after: int | None = None  # region whose probe the decision waits for (None: decide at entry)
+    regions: list[Region]
+    template: Any  # the output's structure, with slot numbers for values
+    slot: dict[fx.Node, int]  # every value by node of the parent graph
+    tags: list[tuple[fx.Node, Tag]]  # every node a method tagged (markers too, though no longer in the graph)
+    structure: DiTStructure
+
+    def region_of(self, node: fx.Node) -> int:
+        """The region that defines a value."""
+        s = self.slot[node]
+        return next(r.index for r in self.regions if s in r.output_slots)
+
+    def tagged(self, method: str, role: str | None = None) -> list[tuple[fx.Node, Tag]]:
+        return [(n, t) for n, t in self.tags if t.method == method and (role is None or t.role == role)]
 
 
-def consume_guards(gm: fx.GraphModule) -> set[int]:
-    """Replace the ditopt.skip_guard markers by their input; returns the span ids that had guards.
-
-    The guard is where the runtime decides, so it costs nothing inside the compiled regions."""
-    guarded: set[int] = set()
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.ditopt.skip_guard.default:
-            x, span_id = node.args
-            guarded.add(span_id)
-            node.replace_all_uses_with(x)
+def lower(gm: fx.GraphModule, structure: DiTStructure) -> Lowered:
+    """Cut a rewritten graph into regions, after replacing every marker node by its input."""
+    tags = [(n, t) for n in gm.graph.nodes if (t := tag_of(n)) is not None]
+    for node, t in tags:
+        if t.marker:
+            node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     gm.recompile()
-    return guarded
+    regions, template, slot = split_regions(gm, structure)
+    return Lowered(regions, template, slot, tags, structure)
 
 
-def plan_spans(structure: DiTStructure, regions: list[Region], slot: dict[str, int], guarded: set[int]) -> list[SpanPlan]:
-    """The skippable spans whose guards are in the graph, in slot terms."""
-    plans = []
-    for span in structure.skip_spans:
-        if span.id not in guarded:
-            continue
-        members = [r for r in regions if r.block is not None and r.block in span.blocks]
-        streams = [(slot[i], slot[o]) for i, o in span.streams]
-        free = sorted({s for r in members for s in r.free_after} - {dst for _, dst in streams})
-        decide_after = next((r.index for r in members if span.decide_after in r.outputs), None) \
-            if span.decide_after else None
-        plans.append(SpanPlan(span.id, members[0].index, members[-1].index, streams, free, len(span.blocks),
-                              decide_after))
-    return plans
-
-
-def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Region], Any, dict[str, int]]:
+def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Region], Any, dict[fx.Node, int]]:
     """Cut gm into regions. Also returns the output template (slot numbers in the output's structure)
-    and the slot of every value by name."""
+    and the slot of every value."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    by_name = {n.name: n for n in graph.nodes}
     block_at: dict[fx.Node, int] = {}
     for b in structure.blocks:
-        first, last = order[by_name[b.first_node]], order[by_name[b.last_node]]
+        first, last = order[b.first_node], order[b.last_node]
         for n in graph.nodes:
             if first <= order[n] <= last:
                 block_at[n] = b.index
 
     body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    # A segment is (block, match tag, nodes); a token_match node and its getitems form a region of their own.
+    # A segment is (block, own-region key, nodes): nodes a method asks to run itself form regions of their own.
     segments: list[tuple[int | None, str | None, list[fx.Node]]] = []
     cut = False
     for n in body:
-        blk, tag = block_at.get(n), n.meta.get("ditopt_match_region")
-        if not segments or segments[-1][:2] != (blk, tag) or cut:
-            segments.append((blk, tag, []))
+        t = tag_of(n)
+        blk, own = block_at.get(n), _own_key(n)
+        if not segments or segments[-1][:2] != (blk, own) or cut:
+            segments.append((blk, own, []))
         segments[-1][2].append(n)
-        cut = bool(n.meta.get("ditopt_split_after"))  # a policy decides on this value: end the region
+        cut = t is not None and t.split_after  # a hook decides on this value: end the region
 
     output_node = next(n for n in graph.nodes if n.op == "output")
     regions = []
-    for i, (blk, tag, nodes) in enumerate(segments):
-        if tag is not None:
-            kind = "match"
+    for i, (blk, own, nodes) in enumerate(segments):
+        if own is not None:
+            kind = "own"
         elif blk is not None:
             kind = "block"
         elif i == 0:
@@ -120,16 +108,16 @@ def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Reg
             kind = "epilogue"
         else:
             kind = "glue"
-        regions.append(_make_region(gm, i, kind, blk, nodes, order))
+        owner = next((tag_of(n) for n in nodes if tag_of(n) is not None), None) if own is not None else None
+        regions.append(_make_region(gm, i, kind, blk, nodes, owner))
 
-    placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
-    slot = {name: i for i, name in enumerate(placeholders)}
+    slot = {n: i for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
     for r in regions:
-        for name in r.outputs:
-            slot[name] = len(slot)
-        r.input_slots = [slot[name] for name in r.inputs]
-        r.output_slots = [slot[name] for name in r.outputs]
-    final = {slot[n.name] for n in output_node.all_input_nodes}
+        for node in r.outputs:
+            slot[node] = len(slot)
+        r.input_slots = [slot[node] for node in r.inputs]
+        r.output_slots = [slot[node] for node in r.outputs]
+    final = {slot[n] for n in output_node.all_input_nodes}
     last_reader: dict[int, int] = {}
     for r in regions:
         for s in r.input_slots:
@@ -137,8 +125,16 @@ def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Reg
     for s, ri in last_reader.items():
         if s not in final:
             regions[ri].free_after.append(s)
-    template = fx.node.map_arg(output_node.args[0], lambda n: _Slot(slot[n.name]))
+    template = fx.node.map_arg(output_node.args[0], lambda n: _Slot(slot[n]))
     return regions, template, slot
+
+
+def _own_key(node: fx.Node) -> str | None:
+    """The own-region key of a method node, or of the getitem that unpacks one."""
+    t = tag_of(node)
+    if t is None and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        t = tag_of(node.args[0])
+    return t.own_region if t is not None else None
 
 
 class _Slot(int):
@@ -155,15 +151,15 @@ def fill_template(template: Any, values: Sequence[Any]) -> Any:
     return template
 
 
-def _make_region(gm: fx.GraphModule, index: int, kind: str, block: int | None, nodes: list[fx.Node], order) -> Region:
+def _make_region(gm: fx.GraphModule, index: int, kind: str, block: int | None, nodes: list[fx.Node],
+                 owner: Tag | None) -> Region:
     inside = set(nodes)
     inputs: list[fx.Node] = []
     for n in nodes:
         for a in n.all_input_nodes:
             if a not in inside and a not in inputs:
                 inputs.append(a)
-    # probes (values a runtime policy reads) are outputs even without a reader outside
-    outputs = [n for n in nodes if any(u not in inside for u in n.users) or "ditopt_probe" in n.meta]
+    outputs = [n for n in nodes if any(u not in inside for u in n.users) or _wanted(n)]
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for a in inputs:
@@ -174,7 +170,12 @@ def _make_region(gm: fx.GraphModule, index: int, kind: str, block: int | None, n
         env[n] = g.node_copy(n, lambda x: env[x])
     g.output(tuple(env[o] for o in outputs))
     region_gm = fx.GraphModule(gm, g, class_name=f"Region{index}")
-    return Region(index, kind, block, region_gm, [a.name for a in inputs], [o.name for o in outputs])
+    return Region(index, kind, block, region_gm, inputs, outputs, owner)
+
+
+def _wanted(node: fx.Node) -> bool:
+    t = tag_of(node)
+    return t is not None and t.output
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def _fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, g, class_name=type(gm).__name__)
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config) -> Callable:
+def compile_graph(gm: fx.GraphModule, example_inputs: list, config) -> Callable:
     """Lower one graph with the configured lowering; returns a callable taking the inputs positionally."""
     if config.lowering == "eager":
         return gm
@@ -253,7 +254,7 @@ class CompiledVariant:
 class VariantCache:
     """Compiled code per (region computation, input metadata): identical blocks share one entry."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config):
         self.config = config
         self.variants: dict[tuple, CompiledVariant] = {}
 

@@ -13,43 +13,48 @@ its own caches and decisions.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
-from .analysis import DiTStructure
-from .config import Config
-from .lowering import Region, SpanPlan, VariantCache, fill_template
+import torch.fx as fx
+
+from .lowering import Lowered, Region, VariantCache, fill_template
+from .method import Hook
 
 
 @dataclass
 class GenerationStats:
+    """One generation of one stream: core counters, and one section per method (its hook's stats)."""
+
     stream: int
     generation: int
+    graph: int = 0  # which compiled graph's runtime counted this
     steps: int = 0
     blocks_computed: int = 0
     blocks_skipped: int = 0
-    method: dict = field(default_factory=dict)  # per-method counters and decisions
+    methods: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "stream": self.stream, "generation": self.generation, "steps": self.steps,
-            "blocks_computed": self.blocks_computed, "blocks_skipped": self.blocks_skipped, **self.method,
+            "blocks_computed": self.blocks_computed, "blocks_skipped": self.blocks_skipped, **self.methods,
         }
 
 
 @dataclass
 class StreamState:
-    """One stream of calls: its clock position and the method state that belongs to it."""
+    """One stream of calls: its clock position and each hook's state for the current generation."""
 
     index: int
     generation: int = -1
     step: int = -1  # index of the current call within its generation
     last_t: float | None = None
     timesteps: list[float] = field(default_factory=list)
-    state: dict = field(default_factory=dict)  # method name -> that method's state for this stream
+    state: dict[str, Any] = field(default_factory=dict)  # hook name -> its state for this stream
     stats: GenerationStats | None = None
 
 
@@ -81,7 +86,7 @@ class StepClock:
     def _new_generation(self, stream: StreamState) -> None:
         if stream.stats is not None:
             self.finished.append(stream.stats)
-        stream.generation += 1  # caches and decisions live in stream.state: a new generation starts empty
+        stream.generation += 1  # every hook's state lives in stream.state: a new generation starts empty
         stream.step = -1
         stream.timesteps = []
         stream.state = {}
@@ -100,48 +105,64 @@ class StepClock:
         return self.finished + [s.stats for s in self.streams.values() if s.stats is not None]
 
 
-class SkipPolicy(Protocol):
-    """Decides, for one stream, which spans to skip at this call. The guard machinery (span
-    residual caches, probes, statistics) belongs to the runtime, so a policy is only a decision."""
+class Call:
+    """One call of the model's graph, as hooks see it: its stream and step, and the values by slot."""
 
-    name: str
+    def __init__(self, runtime: "Runtime", stream: StreamState, values: list):
+        self.runtime = runtime
+        self.stream = stream
+        self.values = values
 
-    def begin_call(self, runtime: "Runtime", stream: StreamState) -> None: ...
+    @property
+    def step(self) -> int:
+        return self.stream.step
 
-    def should_skip(self, runtime: "Runtime", span: SpanPlan, stream: StreamState, probes: dict) -> bool:
-        """Called at a span's entry, or once the probe the span waits for is computed."""
+    @property
+    def t(self) -> float | None:
+        return self.stream.last_t
 
-    def end_call(self, runtime: "Runtime", stream: StreamState, probes: dict[str, torch.Tensor]) -> None: ...
+    def state(self, hook: Hook) -> Any:
+        """This stream's state of `hook` (made by its `new_state()` at the start of a generation)."""
+        states = self.stream.state
+        if hook.name not in states:
+            states[hook.name] = hook.new_state()
+        return states[hook.name]
+
+    def free(self, slots) -> None:
+        for s in slots:
+            self.values[s] = None
+
+    def compiled(self, region: Region, inputs: list, variant: Any = None, gm: fx.GraphModule | None = None):
+        """Compiled code for a region, or for a hook's specialised graph `gm` of it, named by `variant`;
+        `inputs` are what it will be called with (the region's own first, then any the hook adds)."""
+        key = (self.runtime.code_key(region, inputs[:len(region.input_slots)]), variant)
+        return self.runtime.compiled(key, gm if gm is not None else region.gm, inputs)
 
 
 class Runtime:
-    """The callable the backend hands to Dynamo for one graph."""
+    """The callable the backend hands to Dynamo for one graph: runs the regions, drives the hooks."""
 
-    def __init__(self, structure: DiTStructure, regions: list[Region], template: Any, config: Config,
-                 timestep_slot: int | None, spans: list[SpanPlan], probe_slots: dict[str, int],
-                 policies: list[SkipPolicy], report: dict, planner=None, toca=None):
-        self.structure = structure
-        self.regions = regions
-        self.template = template
+    def __init__(self, lowered: Lowered, hooks: list[Hook], config, report: dict):
+        self.lowered = lowered
+        self.structure = lowered.structure
+        self.regions = lowered.regions
+        self.template = lowered.template
+        self.hooks = hooks
         self.config = config
-        self.timestep_slot = timestep_slot
-        self.spans = spans
-        self._span_at = {sp.first: sp for sp in spans}
-        self._span_end = {sp.last: sp for sp in spans}
-        self.probe_slots = probe_slots
-        self._probes_at: dict[int, list[tuple[str, int]]] = {}
-        for name, slot in probe_slots.items():
-            at = next(r.index for r in regions if slot in r.output_slots)
-            self._probes_at.setdefault(at, []).append((name, slot))
-        self._block_ends = {r.index for r in regions
-                            if r.kind == "block" and (r.index + 1 == len(regions) or regions[r.index + 1].block != r.block)}
-        self.policies = policies
-        self.planner = planner  # AsymRnR's MatchPlanner: runs the "match" regions
-        self.toca = toca  # ToCa's TocaPlanner: runs the block regions that hold cached sites
         self.report = report
-        # A region that reads a match plan compiles one variant per reduced length: key its code by those.
-        match_slots = {s for r in regions if r.kind == "match" for s in r.output_slots}
-        self._plan_inputs = {r.index: [i for i, s in enumerate(r.input_slots) if s in match_slots] for r in regions}
+        self.index = next(_RUNTIME_IDS)  # creation order
+        timestep = self.structure.timestep_input
+        self.timestep_slot = lowered.slot[timestep] if timestep is not None else None
+        regions = self.regions
+        self._block_ends = {r.index for r in regions if r.kind == "block"
+                            and (r.index + 1 == len(regions) or regions[r.index + 1].block != r.block)}
+        # A region that reads what a hook-run region made (a plan whose length varies by step) compiles one
+        # variant per input shape there: key its code by those shapes.
+        hook_made = {s for r in regions if r.kind == "own" for s in r.output_slots}
+        self._varying = {r.index: [i for i, s in enumerate(r.input_slots) if s in hook_made] for r in regions}
+        self._before = [h for h in hooks if type(h).before_region is not Hook.before_region]
+        self._run = [h for h in hooks if type(h).run_region is not Hook.run_region]
+        self._after = [h for h in hooks if type(h).after_region is not Hook.after_region]
         self.clock = StepClock()
         self.variants = VariantCache(config)
         self.num_slots = max((s for r in regions for s in r.output_slots), default=0) + 1
@@ -154,96 +175,65 @@ class Runtime:
     def __call__(self, *args):
         """One forward of the model's graph: the same arguments and result as the graph Dynamo traced."""
         if not _FLOP_TALLIES:
-            return self._run(*args)
+            return self._forward(*args)
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
         with counter:
-            out = self._run(*args)
+            out = self._forward(*args)
         attention = attention_flops(counter)
         for tally in _FLOP_TALLIES:
             tally.flops += counter.get_total_flops()
             tally.attention += attention
         return out
 
-    def _run(self, *args):
+    def _forward(self, *args):
         self.calls += 1
         t = float(args[self.timestep_slot].reshape(-1)[0]) if self.timestep_slot is not None else None
         stream = self.clock.observe(t)
-        for policy in self.policies:
-            policy.begin_call(self, stream)
-        values: list[Any] = list(args) + [None] * max(0, self.num_slots - len(args))
-        caches = stream.state.setdefault("skip_cache", {})
-        probes: dict[str, torch.Tensor] = {}
-        span_inputs: dict[int, list] = {}
-        pending: SpanPlan | None = None  # a span whose decision waits for a probe inside it
-        i = 0
-        while i < len(self.regions):
-            span = self._span_at.get(i)
-            if span is not None and self.policies:
-                span_inputs[span.id] = [values[src] for src, _ in span.streams]
-                if span.decide_after is None:
-                    if self._skip(span, stream, caches, probes):
-                        i = self._apply_skip(span, stream, caches, values, span_inputs)
-                        continue
-                else:
-                    pending = span
+        stream.stats.graph = self.index
+        call = Call(self, stream, list(args) + [None] * max(0, self.num_slots - len(args)))
+        for hook in self.hooks:
+            hook.begin_call(call)
+        values = call.values
+        i, n = 0, len(self.regions)
+        while i < n:
+            jump = _first(h.before_region(call, i) for h in self._before)
+            if jump is not None:
+                i = self._jumped(stream, i, jump)
+                continue
             region = self.regions[i]
             inputs = [values[s] for s in region.input_slots]
-            if region.kind == "match":
-                outputs = self.planner.plan(region.index, inputs[0], stream)
-            elif self.toca is not None and region.index in self.toca.sites:
-                base = self._key(region, inputs)
-                outputs = self.toca.run(region, inputs, stream,
-                                        lambda key, gm, args: self._compiled((base, key), gm, args))
-            else:
+            outputs = _first(h.run_region(call, region, inputs) for h in self._run)
+            if outputs is None:
                 outputs = self.run_region(region, inputs)
             for s, v in zip(region.output_slots, outputs):
                 values[s] = v
+            jump = _first(h.after_region(call, i) for h in self._after)
             for s in region.free_after:
                 values[s] = None
-            for name, slot in self._probes_at.get(i, ()):
-                probes[name] = values[slot]
-            if pending is not None and pending.decide_after == i:
-                span, pending = pending, None
-                if self._skip(span, stream, caches, probes):
-                    i = self._apply_skip(span, stream, caches, values, span_inputs)
-                    continue
             if i in self._block_ends:
                 stream.stats.blocks_computed += 1
-            ended = self._span_end.get(i)
-            if ended is not None and ended.id in span_inputs:
-                caches[ended.id] = [values[dst] - x for (_, dst), x in zip(ended.streams, span_inputs.pop(ended.id))]
-            i += 1
-        for policy in self.policies:
-            policy.end_call(self, stream, probes)
-        stream.stats.method["cache_mb"] = round(
-            sum(t.numel() * t.element_size() for ts in caches.values() for t in ts) / 2**20, 3)
+            i = self._jumped(stream, i + 1, jump) if jump is not None else i + 1
+        for hook in self.hooks:
+            hook.end_call(call)
+            stream.stats.methods[hook.name] = hook.stats(call.state(hook))
         return fill_template(self.template, values)
 
-    def _skip(self, span: SpanPlan, stream: StreamState, caches: dict, probes: dict) -> bool:
-        wants = [p.should_skip(self, span, stream, probes) for p in self.policies]  # each policy sees every step
-        return span.id in caches and any(wants)
-
-    def _apply_skip(self, span: SpanPlan, stream: StreamState, caches: dict, values: list, span_inputs: dict) -> int:
-        """Outputs of a skipped span: each stream's input plus its cached residual. Returns the next region."""
-        inputs = span_inputs.pop(span.id)
-        for (_, dst), x, residual in zip(span.streams, inputs, caches[span.id]):
-            values[dst] = x + residual
-        for s in span.free_after:
-            values[s] = None
-        stream.stats.blocks_skipped += span.num_blocks
-        return span.last + 1
+    def _jumped(self, stream: StreamState, start: int, to: int) -> int:
+        """Count the block ends a hook jumped over (start .. to-1) as skipped blocks."""
+        stream.stats.blocks_skipped += sum(1 for j in range(start, to) if j in self._block_ends)
+        return to
 
     def run_region(self, region: Region, inputs: list) -> list:
         """Run a region's compiled code (compiled on first use, shared between identical regions)."""
-        return self._compiled(self._key(region, inputs), region.gm, inputs)(*inputs)
+        return self.compiled((self.code_key(region, inputs), None), region.gm, inputs)(*inputs)
 
-    def _key(self, region: Region, inputs: list) -> tuple:
-        """A region's code key: its index, and the reduced lengths of the match plans it reads."""
-        return (region.index, *(inputs[p].shape[-1] for p in self._plan_inputs[region.index]))
+    def code_key(self, region: Region, inputs: list) -> tuple:
+        """A region's code key: its index, and the shapes of the hook-made values it reads."""
+        return (region.index, *(tuple(inputs[p].shape) for p in self._varying[region.index]))
 
-    def _compiled(self, key, gm, inputs: list) -> Callable:
+    def compiled(self, key, gm, inputs: list) -> Callable:
         fn = self._fns.get(key)
         if fn is None:
             fn = self._fns[key] = self.variants.get(gm, inputs)
@@ -256,7 +246,7 @@ class Runtime:
             "calls": self.calls,
             "blocks": len(self.structure.blocks),
             "regions": len(self.regions),
-            "skip_spans": len(self.spans),
+            "methods": [h.name for h in self.hooks],
             "compiled_variants": len(self.variants.variants),
             "compile_seconds": round(self.variants.compile_seconds, 3),
             "generations": [g.to_dict() for g in self.clock.all_stats()],
@@ -264,6 +254,17 @@ class Runtime:
 
     def reset(self) -> None:
         self.clock.reset()
+
+
+def _first(results):
+    """The first result that is not None (each hook is asked until one answers)."""
+    for r in results:
+        if r is not None:
+            return r
+    return None
+
+
+_RUNTIME_IDS = itertools.count()
 
 
 # ---------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def runtimes_of(model: torch.nn.Module) -> list[Runtime]:
     model = getattr(model, "_orig_mod", model)
     params = list(model.parameters())
     found = [r for r in list(_RUNTIMES) if any(_holds(r, p) for p in params)]
-    return sorted(found, key=id)
+    return sorted(found, key=lambda r: r.index)
 
 
 def _holds(runtime: Runtime, param: torch.Tensor) -> bool:

@@ -19,8 +19,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ditopt
-from ditopt import adacache, fixture
-from ditopt.metrics import psnr
+from ditopt.harness import fixture
+from ditopt.passes import adacache
+from ditopt.harness.metrics import psnr
 from ditopt.runtime import count_flops
 
 FLOORS = {"quality": 35.0, "balanced": 30.0, "fast": 25.0}
@@ -77,7 +78,7 @@ def main():
         rows.append({"target": target, "options": _printable(options),
                      "predicted_speedup": None if predicted is None else round(predicted, 3),
                      "flop_ratio": round(sum(flops) / len(flops), 4),
-                     "psnr_db": round(min(values), 2), "decisions": gen.get("adacache_decisions")})
+                     "psnr_db": round(min(values), 2), "decisions": gen.get("adacache", {}).get("decisions")})
         print(json.dumps(rows[-1]), flush=True)
     print()
     for preset, floor in FLOORS.items():

@@ -18,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 import ditopt
-from ditopt import fixture
-from ditopt.bench import compile_config, count_generation_flops  # also registers the CPU SDPA FLOP formula
-from ditopt.metrics import psnr, ssim
+from ditopt.harness import fixture
+from ditopt.harness.bench import compile_config, count_generation_flops  # also registers the CPU SDPA FLOP formula
+from ditopt.harness.metrics import psnr, ssim
 
 PROMPTS = ["red square moving right", "blue circle moving down", "green square moving up", "yellow circle moving left"]
 
@@ -80,7 +80,7 @@ def main():
     score_fast = fixture.conditioning_score(fast, PROMPTS)
     print(f"full compute : {t_full:.2f} s per generation, {flops_full / 1e9:.1f} GFLOP")
     print(f"ditopt {args.preset:<6}: {t_fast:.2f} s per generation, {flops_fast / 1e9:.1f} GFLOP, "
-          f"{skipped:.0%} of block calls skipped ({stats.get('adacache_decisions', '')})")
+          f"{skipped:.0%} of block calls skipped ({stats.get('adacache', {}).get('decisions', '')})")
     print(f"speed-up {t_full / t_fast:.2f}x, FLOP ratio {flops_fast / flops_full:.3f}, "
           f"PSNR {psnr(fast, full):.2f} dB, SSIM {ssim(fast, full):.4f} against full compute")
     print(f"prompts shown correctly (colour and direction): full {score_full:.0%}, ditopt {score_fast:.0%}")

@@ -1,4 +1,4 @@
-"""Which words of the prompt does the fixture use?  Prints `ditopt.fixture.probe.word_losses`.
+"""Which words of the prompt does the fixture use?  Prints `ditopt.harness.fixture.probe.word_losses`.
 
     python examples/probe_fixture_conditioning.py [--weights DIR] [--clips 64] [--sample-seeds 0 1 2 3]
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ditopt.fixture import FIXTURE_DIR, PROMPTS, build_model, prompt_shown, sample
-from ditopt.fixture.probe import VARIANTS, word_losses
+from ditopt.harness.fixture import FIXTURE_DIR, PROMPTS, build_model, prompt_shown, sample
+from ditopt.harness.fixture.probe import VARIANTS, word_losses
 
 
 def main() -> None:

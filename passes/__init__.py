@@ -1,64 +1,57 @@
-"""ditopt's graph passes and the one ordered pipeline that runs them.
+"""ditopt's pass pipeline: normalisation, then analysis, then each enabled method's rewrite.
 
-Every pass is a module in this package with one function of one signature:
+    NORMALIZE   graph -> graph clean-ups every method relies on (run on every graph)
+    METHODS     the acceleration methods, one package each, in pipeline order
 
-    run(gm: GraphModule, structure: DiTStructure, config: Config) -> PassResult
-
-It returns the rewritten graph, the structure (updated if the pass changed
-what the structure describes) and a report of what it matched, which tests
-count and `export_dir` writes out.  Nodes a pass inserts copy the
-`nn_module_stack` of the site they belong to, so the lowering still knows
-which block they are in.
+A method is one `ditopt.method.Method`; adding one is a package here and one line in
+METHODS.  A rewrite changes the graph and returns its report; it never changes the
+structure it was given, so the structure stays valid for the next method.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch.fx as fx
 
 from ditopt.analysis import DiTStructure, analyze
-from ditopt.config import Config
 
-from . import adacache, asymrnr, remove_inference_noops, toca
+from . import adacache, asymrnr, remove_inference_noops, teacache, toca
 
+NORMALIZE: tuple[tuple[str, Callable[[fx.GraphModule], dict]], ...] = (
+    ("remove_inference_noops", remove_inference_noops.run),
+)
 
-@dataclass
-class PassResult:
-    gm: fx.GraphModule
-    structure: DiTStructure
-    report: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Pass:
-    name: str
-    run: Callable[[fx.GraphModule, DiTStructure, Config], PassResult]
-    enabled: Callable[[Config], bool]
-    reanalyze: bool = False  # the pass renames nodes: derive the structure again afterwards
-
-
-PIPELINE: tuple[Pass, ...] = (
-    Pass("remove_inference_noops", remove_inference_noops.run, lambda c: True, reanalyze=True),
-    # ToCa before AsymRnR: its scores read each attention's full Q and K, before tokens are reduced.
-    Pass("toca", toca.run, lambda c: c.toca.enabled),
-    Pass("asymrnr", asymrnr.run, lambda c: c.asymrnr.enabled),
-    Pass("adacache", adacache.run, lambda c: c.adacache.enabled),
+METHODS = (
+    toca.METHOD,  # before AsymRnR: its scores read each attention's full Q and K, before tokens are reduced
+    asymrnr.METHOD,
+    adacache.METHOD,  # skip guards last: they wrap whole blocks, whatever the methods above put inside
+    teacache.METHOD,
 )
 
 
-def run_pipeline(gm: fx.GraphModule, structure: DiTStructure, config: Config, on_pass=None):
-    """Run every enabled pass in order; returns (gm, structure, {pass name: report})."""
+class Pipeline(NamedTuple):
+    gm: fx.GraphModule
+    structure: DiTStructure
+    reports: dict  # stage or method name -> its report
+
+
+def run_pipeline(gm: fx.GraphModule, config, on_stage=None) -> Pipeline:
+    """Normalise gm, analyse it, run every enabled method's rewrite in order (gm changes in place).
+
+    Raises UnsupportedGraph when the analysis finds no DiT structure.  `on_stage(name, gm)` sees the
+    graph after each stage (the exporter writes it)."""
     reports = {}
-    for p in PIPELINE:
-        if not p.enabled(config):
-            continue
-        result = p.run(gm, structure, config)
-        gm, structure = result.gm, result.structure
-        if p.reanalyze:
-            structure = analyze(gm)
-        reports[p.name] = result.report
-        if on_pass is not None:
-            on_pass(p.name, gm)
-    return gm, structure, reports
+    for name, run in NORMALIZE:
+        reports[name] = run(gm)
+        if on_stage is not None:
+            on_stage(name, gm)
+    structure = analyze(gm)
+    for method, cfg in config.enabled():
+        result = method.rewrite(gm, structure, cfg)
+        reports[method.name] = result.report
+        if result.nothing is not None:
+            reports[method.name] = {**result.report, "nothing": result.nothing}
+        if on_stage is not None:
+            on_stage(method.name, gm)
+    return Pipeline(gm, structure, reports)

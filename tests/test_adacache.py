@@ -9,15 +9,15 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 import ditopt
-from ditopt import models
-from ditopt.adacache import (
+from ditopt.harness import models
+from ditopt.passes.adacache import (
     CODEBOOKS, calibrate_from_metrics, codebook_for_scale, decisions_from_metrics, motion_score, next_rate,
 )
 from ditopt.analysis import analyze
-from ditopt.bench import euler_loop
+from ditopt.harness.bench import euler_loop
 from ditopt.config import Config
 from ditopt.passes import run_pipeline
-from ditopt.stdit import STDiT
+from ditopt.harness.stdit import STDiT
 
 from conftest import capture_graphs, compile_ditopt
 
@@ -50,7 +50,7 @@ def test_pass_guards_spans_and_their_streams(family, spans, streams):
     case = models.build(family)
     gm = capture_graphs(case.model, case.inputs())[0]
     cfg = Config.from_options({"adacache": True, "lowering": "eager"})
-    gm, structure, reports = run_pipeline(gm, analyze(gm), cfg)
+    gm, structure, reports = run_pipeline(gm, cfg)
     report = reports["adacache"]
     assert len(report["spans"]) == spans and report["rejected"] == []
     assert all(s["streams"] == streams for s in report["spans"])
@@ -63,7 +63,7 @@ def test_probe_is_the_middle_temporal_attention_when_there_is_one():
     model = _stdit(depth=3)
     inputs = dict(x=torch.randn(1, 4, 3, 8, 8), timestep=torch.tensor([10.0]), y=torch.randn(1, 5, 16))
     gm = capture_graphs(model, inputs)[0]
-    _, _, reports = run_pipeline(gm, analyze(gm), Config.from_options({"adacache": True}))
+    _, _, reports = run_pipeline(gm, Config.from_options({"adacache": True}))
     assert reports["adacache"]["probe"].startswith("temporal_blocks.1: temporal_blocks.1.attn (self, temporal)")
 
 
@@ -80,7 +80,7 @@ def test_codebook_that_never_skips_equals_full_compute(depth, frames, seed):
     actual, _ = _loop(compile_ditopt(model, adacache={"codebook": NEVER}), x, y)
     assert torch.equal(actual, expected)
     (gen,) = ditopt.stats(model)["generations"]
-    assert gen["blocks_skipped"] == 0 and set(gen["adacache_decisions"]) == {"C"}
+    assert gen["blocks_skipped"] == 0 and set(gen["adacache"]["decisions"]) == {"C"}
 
 
 def test_skipped_step_output_is_input_plus_cached_residual():
@@ -95,13 +95,13 @@ def test_skipped_step_output_is_input_plus_cached_residual():
         # expected, by hand from the model's parts: residual of the block stack at step 1, replayed at step 2
         residual = _blocks(model, x, ts[1], y)[1] - _blocks(model, x, ts[1], y)[0]
         expected = _head(model, x, ts[2], _blocks(model, x, ts[2], y)[0] + residual)
-    assert ditopt.stats(model)["generations"][0]["adacache_decisions"] == "CCS"
+    assert ditopt.stats(model)["generations"][0]["adacache"]["decisions"] == "CCS"
     torch.testing.assert_close(skipped, expected, rtol=1e-5, atol=1e-5)
 
 
 def _blocks(model, x, t, y):
     """(hidden states entering the first block, leaving the last block) of an STDiT call."""
-    from ditopt.stdit import timestep_embedding
+    from ditopt.harness.stdit import timestep_embedding
 
     b, _, frames, height, width = x.shape
     h = model.x_embedder(x).flatten(2).transpose(1, 2)
@@ -114,7 +114,7 @@ def _blocks(model, x, t, y):
 
 
 def _head(model, x, t, hidden):
-    from ditopt.stdit import timestep_embedding
+    from ditopt.harness.stdit import timestep_embedding
 
     b, _, frames, height, width = x.shape
     tt = model.t_embedder(timestep_embedding(t, model.dim))
@@ -174,7 +174,7 @@ def test_runtime_decisions_follow_the_metrics_it_measured():
     codebook = {0.2: 3, 0.5: 2, math.inf: 1}
     _loop(compile_ditopt(model, adacache={"codebook": codebook, "num_steps": 20}), x, y, steps=20)
     (gen,) = ditopt.stats(model)["generations"]
-    measured = iter(gen["adacache_metrics"][1:])  # metrics at computed steps after the first
+    measured = iter(gen["adacache"]["metrics"][1:])  # metrics at computed steps after the first
     recorded = {}
 
     def metric_at(step, rate):
@@ -182,7 +182,7 @@ def test_runtime_decisions_follow_the_metrics_it_measured():
         return recorded[step] * rate
 
     plan = decisions_from_metrics(metric_at, 20, codebook)
-    assert "".join("C" if c else "S" for c in plan) == gen["adacache_decisions"]
+    assert "".join("C" if c else "S" for c in plan) == gen["adacache"]["decisions"]
     assert gen["blocks_skipped"] == 2 * plan.count(False)
 
 
@@ -227,15 +227,39 @@ def test_motion_score_is_zero_for_static_and_positive_for_moving_residuals():
     assert motion_score(torch.randn(2, 15, 8), frames=3).item() > 0.2
 
 
+def test_motion_score_is_the_reference_single_ratio_over_frame_shifted_residuals():
+    r = torch.zeros(1, 3, 2)  # 3 frames of 1 token, 2 channels
+    r[0, 0], r[0, 1], r[0, 2] = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([9.0, 9.0])
+    # |r1 - r0| + |r2 - r1| = 0 + 16; |r1| + |r2| + |r0| + |r1| = 2 + 18 + 2 + 2 = 24
+    assert motion_score(r.reshape(1, 3, 2), frames=3).item() == pytest.approx(16 / 24)
+    # a mean of per-pair ratios (0 and 16/20) would be 0.4: the quiet pair would weigh as much as the loud one
+    assert motion_score(r.reshape(1, 3, 2), frames=3).item() != pytest.approx(0.4)
+
+
+def test_synced_probe_blocks_average_their_metrics():
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    metrics = {}
+    for blocks in ((0,), (1,), (0, 1)):
+        model = _stdit(depth=1)  # one spatial and one temporal block: block indices 0 and 1
+        torch._dynamo.reset()
+        _loop(compile_ditopt(model, adacache={"codebook": NEVER, "probe_blocks": blocks}), x, y)
+        metrics[blocks] = ditopt.stats(model)["generations"][-1]["adacache"]["metrics"]
+    for m0, m1, both in zip(metrics[(0,)][1:], metrics[(1,)][1:], metrics[(0, 1)][1:]):
+        assert both == pytest.approx((m0 + m1) / 2, rel=1e-3, abs=1e-5)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="probe_blocks .*out of range"):
+        _loop(compile_ditopt(_stdit(depth=1), adacache={"probe_blocks": (7,)}), x, y)
+
+
 def test_moreg_changes_the_metric_and_needs_frames():
     model = _stdit(depth=1)
     x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
     _loop(compile_ditopt(model, adacache={"moreg": True, "codebook": NEVER}), x, y)
-    with_moreg = ditopt.stats(model)["generations"][0]["adacache_metrics"]
+    with_moreg = ditopt.stats(model)["generations"][0]["adacache"]["metrics"]
     torch._dynamo.reset()
     ditopt.reset(model)
     _loop(compile_ditopt(model, adacache={"moreg": False, "codebook": NEVER}), x, y)
-    plain = ditopt.stats(model)["generations"][-1]["adacache_metrics"]
+    plain = ditopt.stats(model)["generations"][-1]["adacache"]["metrics"]
     assert with_moreg[0] is None and with_moreg[1:] != plain[1:]
     pix = models.build("pixart")  # one frame: no motion to measure
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="moreg needs video"):  # Dynamo wraps it
@@ -262,22 +286,23 @@ def test_codebook_for_scale_is_the_reference_shape():
 def test_teacache_region_split_and_probe():
     model = _stdit(depth=2)
     x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
-    compiled = compile_ditopt(model, adacache={"policy": "teacache", "teacache_threshold": 1e-9})
+    compiled = compile_ditopt(model, teacache={"threshold": 1e-9})
     expected, _ = _loop(model, x, y)
     actual, _ = _loop(compiled, x, y)
     assert torch.equal(actual, expected)  # a threshold nothing stays under: never skips
     (rt,) = ditopt.runtime.runtimes_of(model)
     kinds = [(r.kind, r.block) for r in rt.regions]
     assert kinds[:3] == [("prologue", None), ("block", 0), ("block", 0)]  # block 0 cut after the probe
-    assert rt.spans[0].decide_after == 1
+    (hook,) = rt.hooks
+    assert hook.spans[0].decide_at == 2  # the decision waits for region 1, which ends at the probe
     (gen,) = ditopt.stats(model)["generations"]
-    assert gen["blocks_computed"] == 4 * 12 and gen["teacache_decisions"] == "C" * 12
+    assert gen["blocks_computed"] == 4 * 12 and gen["teacache"]["decisions"] == "C" * 12
 
 
 @settings(max_examples=100, deadline=None)
 @given(changes=st.lists(st.floats(0, 0.3), min_size=3, max_size=40), threshold=st.floats(0.01, 1.0))
 def test_teacache_decisions_accumulate_until_the_threshold(changes, threshold):
-    from ditopt.teacache import teacache_decisions
+    from ditopt.passes.teacache import teacache_decisions
 
     seq = [None, *changes]
     plan = teacache_decisions(seq, threshold, (1.0, 0.0), first_steps=1, last_steps=1)
@@ -294,12 +319,68 @@ def test_teacache_decisions_accumulate_until_the_threshold(changes, threshold):
 
 
 def test_teacache_runtime_follows_its_recorded_changes():
-    from ditopt.teacache import teacache_decisions
+    from ditopt.passes.teacache import teacache_decisions
 
     model = _stdit(depth=1)
     x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
-    _loop(compile_ditopt(model, adacache={"policy": "teacache", "teacache_threshold": 0.4, "num_steps": 12}), x, y)
+    _loop(compile_ditopt(model, teacache={"threshold": 0.4, "num_steps": 12}), x, y)
     (gen,) = ditopt.stats(model)["generations"]
-    plan = teacache_decisions(gen["teacache_changes"], 0.4, (1.0, 0.0), first_steps=2, last_steps=2)
-    assert gen["teacache_decisions"] == "".join("C" if c else "S" for c in plan)
-    assert "S" in gen["teacache_decisions"]
+    plan = teacache_decisions(gen["teacache"]["changes"], 0.4, (1.0, 0.0), first_steps=2, last_steps=2)
+    assert gen["teacache"]["decisions"] == "".join("C" if c else "S" for c in plan)
+    assert "S" in gen["teacache"]["decisions"]
+
+
+# --- a block whose attention ditopt cannot rewrite still gets guards ---------------
+
+
+def test_linear_attention_blocks_get_skip_guards_and_skip_steps():
+    from linear_dit import LinearDiT
+
+    torch.manual_seed(0)
+    model = LinearDiT().eval()
+    x = torch.randn(1, 4, 3, 8, 8)
+
+    def loop(fn, steps=10):
+        out = x
+        with torch.no_grad():
+            for t in torch.linspace(999, 0, steps):
+                out = out - fn(out, t.reshape(1)) / steps
+        return out
+
+    expected = loop(model)
+    assert torch.allclose(loop(compile_ditopt(model)), expected, atol=1e-5)  # lossless
+    torch._dynamo.reset()
+    structure = analyze(capture_graphs(model, dict(x=x, timestep=torch.tensor([999.0])))[0])
+    assert [a.kind for b in structure.blocks for a in b.attention] == ["linear"] * 3
+    ditopt.reset(model)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="toca is on but|asymrnr is on but") as warned:
+        fn = compile_ditopt(model, adacache={"codebook": {1e9: 3}}, asymrnr=True)
+        loop(fn)
+    assert any("blocks.0.attn, blocks.1.attn, blocks.2.attn: linear attention" in str(w.message) for w in warned)
+    gen = ditopt.stats(model)["generations"][-1]
+    assert gen["blocks_skipped"] > 0 and "S" in gen["adacache"]["decisions"]
+    (rt,) = ditopt.runtime.runtimes_of(model)
+    assert "output residual" in rt.report["adacache"]["probe"]
+
+
+def test_linear_attention_guarded_loop_cuts_flops_below_0_8():
+    from linear_dit import LinearDiT
+
+    from ditopt.runtime import count_flops
+
+    torch.manual_seed(0)
+    model = LinearDiT(depth=4).eval()
+    x = torch.randn(1, 4, 3, 8, 8)
+
+    def flops(options):
+        torch._dynamo.reset()
+        ditopt.reset(model)
+        fn = compile_ditopt(model, **options)
+        out = x
+        with torch.no_grad(), count_flops() as tally:
+            for t in torch.linspace(999, 0, 10):
+                out = out - fn(out, t.reshape(1)) / 10
+        return tally.flops
+
+    assert flops({"adacache": {"codebook": {1e9: 3}}}) < 0.8 * flops({})

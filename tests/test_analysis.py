@@ -5,9 +5,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ditopt import models
+from ditopt.harness import models
 from ditopt.analysis import UnsupportedGraph, analyze
-from ditopt.stdit import STDiT
+from ditopt.harness.stdit import STDiT
 
 from conftest import capture_graphs
 
@@ -35,7 +35,7 @@ def test_family_structure(family):
     assert [(a.kind, a.axis) for a in s.blocks[0].attention] == kinds
     assert len(s.blocks[0].mlps) == n_mlps
     assert s.layout.grid == grid
-    assert s.timestep_input is not None and "timestep" in s.timestep_input
+    assert s.timestep_input is not None and "timestep" in s.timestep_input.name
     # every block's self/joint attention and MLP ends in a residual add
     for b in s.blocks:
         assert all(m.residual_add for m in b.mlps)

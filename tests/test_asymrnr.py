@@ -1,7 +1,9 @@
 """AsymRnR: kernels against their references, the split and selection, the pass, the runtime's cache and schedules."""
 
+import itertools
 import math
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -11,13 +13,13 @@ from hypothesis import strategies as st
 
 import ditopt
 from ditopt import Config
-from ditopt import token_matching as tm
+from ditopt.passes.asymrnr import plans as tm
 from ditopt.analysis import analyze, module_path, sdpa_qkv
-from ditopt.asymrnr import RatioSchedule, tiers_to_ratios
+from ditopt.passes.asymrnr import RatioSchedule, tiers_to_ratios
 from ditopt.kernels import gather, matching
-from ditopt.bench import euler_loop
-from ditopt.models import build, call
-from ditopt.passes import asymrnr as asymrnr_pass
+from ditopt.harness.bench import euler_loop
+from ditopt.harness.models import build, call
+from ditopt.passes.asymrnr import rewrite as asymrnr_pass
 from ditopt.passes import remove_inference_noops
 
 from conftest import capture_graphs, compile_ditopt
@@ -113,10 +115,10 @@ def test_split_puts_one_destination_in_each_full_cell(grid, stride, seed):
     F_, H, W = grid
     sf, sh, sw = tm.effective_stride(grid, stride)
     assert torch.equal(torch.cat([dst, src]).sort().values, torch.arange(F_ * H * W))
-    f, h, w = dst // (H * W), (dst // W) % H, dst % W
-    cells = set(zip((f // sf).tolist(), (h // sh).tolist(), (w // sw).tolist()))
-    assert len(cells) == dst.numel() == tm.num_destinations(grid, stride)
-    assert all(c[0] < F_ // sf and c[1] < H // sh and c[2] < W // sw for c in cells)  # never in the ragged border
+    assert dst.numel() == tm.num_destinations(grid, stride)
+    # one destination in each full cell of a grid of cells shifted by less than the remainder on each axis,
+    # so none in the ragged border (which the reference splits at random between the two ends)
+    assert _leads(dst, grid, (sf, sh, sw))
 
 
 @settings(max_examples=60, deadline=None)
@@ -157,19 +159,23 @@ def test_ratio_zero_plan_is_the_identity():
 # the pass, on traced models
 
 
+class Rewritten(NamedTuple):
+    gm: torch.fx.GraphModule
+    report: dict
+
+
 def _rewritten(family, **asymrnr):
     case = build(family)
     inputs = case.inputs(batch=2)
     gm = capture_graphs(case.model, inputs)[0]
     cfg = Config.from_options({"preset": "lossless", "asymrnr": asymrnr, "lowering": "eager"})
-    structure = analyze(gm)
-    gm = remove_inference_noops.run(gm, structure, cfg).gm
+    remove_inference_noops.run(gm)
     structure = analyze(gm)
     args = gm.example_inputs
     with torch.no_grad():
         reference = gm(*args)
-    result = asymrnr_pass.run(gm, structure, cfg)
-    return result, args, reference
+    result = asymrnr_pass.rewrite(gm, structure, cfg.asymrnr)
+    return Rewritten(gm, result.report), args, reference
 
 
 def _values(gm, args):
@@ -284,18 +290,16 @@ def test_match_is_reused_for_match_every_steps_and_reset_per_generation():
 
 
 def test_batch_or_dtype_change_never_reuses_a_stale_match():
-    from ditopt.asymrnr import MatchPlanner, MatchSite
-    from ditopt.runtime import StepClock
+    from ditopt.passes.asymrnr import MatchPlanner, MatchSite
 
     cfg = Config.from_options({"asymrnr": {"q_ratio": 0.5, "match_every": 50}}).asymrnr
     planner = MatchPlanner(cfg, {0: MatchSite(0, "attn", "q", (2, 4, 4), (2, 2, 2), "euclidean", (0, 1))}, 1)
-    clock = StepClock()
-    for t, x in ((900.0, torch.randn(1, 2, 32, 8)), (800.0, torch.randn(2, 2, 32, 8)),
-                 (700.0, torch.randn(2, 2, 32, 8).double()), (600.0, torch.randn(2, 2, 32, 8).double())):
-        stream = clock.observe(t)
-        keep, source = planner.plan(0, x, stream)
+    state = planner.new_state()
+    for step, x in enumerate((torch.randn(1, 2, 32, 8), torch.randn(2, 2, 32, 8), torch.randn(2, 2, 32, 8).double(),
+                              torch.randn(2, 2, 32, 8).double())):
+        keep, source = planner.plan(0, x, step, state, cfg.match_every)
         assert keep.shape[0] == source.shape[0] == x.shape[0]
-    assert stream.stats.method["asymrnr"]["matchings"] == 3  # batch 1, batch 2, float64; then reused
+    assert planner.stats(state)["matchings"] == 3  # batch 1, batch 2, float64; then reused
 
 
 def test_streams_keep_separate_matches():
@@ -350,8 +354,7 @@ def test_adaptive_level_is_the_largest_level_under_measurement_and_cap(fraction,
 
 def test_adaptive_schedule_reduces_redundant_tokens_and_not_distinct_ones():
     """Copies of a few tokens are redundant; independent random tokens are not."""
-    from ditopt.asymrnr import MatchPlanner, MatchSite
-    from ditopt.runtime import StepClock
+    from ditopt.passes.asymrnr import MatchPlanner, MatchSite
 
     cfg = Config.from_options({"asymrnr": {"schedule": "adaptive", "q_ratio": 0.75}}).asymrnr
     site = MatchSite(0, "attn", "q", (2, 4, 4), (2, 2, 2), "euclidean", (0, 1))
@@ -362,8 +365,7 @@ def test_adaptive_schedule_reduces_redundant_tokens_and_not_distinct_ones():
     redundant[:, :, :] = distinct[:, :, dst[torch.arange(32) % dst.numel()]] + 0.01 * torch.randn(1, 2, 32, 16)
     kept = []
     for x in (distinct, redundant):
-        stream = StepClock().observe(1.0)
-        kept.append(planner.plan(0, x, stream)[0].shape[-1])
+        kept.append(planner.plan(0, x, 0, planner.new_state())[0].shape[-1])
     assert kept[0] == 32 and kept[1] == 8  # 0.75 of 32 tokens removed
 
 
@@ -401,3 +403,70 @@ def test_with_adacache_skipped_blocks_make_no_plans():
     g = ditopt.stats(case.model)["generations"][-1]
     assert g["blocks_skipped"] > 0 and torch.isfinite(out).all()
     assert g["asymrnr"]["q_plans"] == g["asymrnr"]["kv_plans"] == g["blocks_computed"]  # one site per block
+
+
+# ---------------------------------------------------------------------------
+# the reference's split: per block and feature, ragged border at random, match_every from the steps
+
+
+def test_each_block_and_feature_draws_its_own_split():
+    case = build("cogvideox")
+    fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "kv_ratio": 0.3})
+    _loop(case.inputs(batch=1), 2, fn)
+    (rt,) = ditopt.runtime.runtimes_of(case.model)
+    (planner,) = rt.hooks
+    state = rt.clock.streams[0].state[planner.name]
+    splits = [tuple(m.dst.tolist()) for m in state.matches.values()]
+    assert len(splits) == 4  # 2 blocks x (q, kv)
+    assert len(set(splits)) == len(splits)  # no two share a split
+
+
+def _leads(dst: torch.Tensor, grid, stride) -> set[tuple]:
+    """Every per-axis offset of the cell grid under which dst holds exactly one token per full cell."""
+    coords = [(d // (grid[1] * grid[2]), (d // grid[2]) % grid[1], d % grid[2]) for d in dst.tolist()]
+    found = set()
+    for lead in itertools.product(*(range(g % s + 1) for g, s in zip(grid, stride))):
+        cells = [tuple((c - o) // s for c, o, s in zip(xyz, lead, stride)) for xyz in coords]
+        inside = all(0 <= (c - o) < (g // s) * s for xyz in coords for c, o, g, s in zip(xyz, lead, grid, stride))
+        if inside and len(set(cells)) == len(cells) == math.prod(g // s for g, s in zip(grid, stride)):
+            found.add(lead)
+    return found
+
+
+@settings(max_examples=15, deadline=None)
+@given(grid=st.tuples(st.integers(3, 5), st.integers(3, 8), st.integers(3, 8)))
+def test_ragged_border_is_split_at_random_between_both_ends(grid):
+    stride = (3, 3, 3)
+    leads = set()
+    for seed in range(24):
+        dst, src = tm.split_grid(grid, stride, seed)
+        assert len(dst) + len(src) == math.prod(grid)
+        fits = _leads(dst, grid, stride)
+        assert fits  # one destination per full cell of some offset grid
+        leads |= fits
+    # Like the reference, the cells start at a random offset below the remainder: with a remainder of 2
+    # the border is sometimes all at the far end (offset 0), sometimes split between both ends (offset 1).
+    for axis in [i for i, (g, s) in enumerate(zip(grid, stride)) if g % s >= 2]:
+        assert {0, 1} <= {lead[axis] for lead in leads}
+
+
+@pytest.mark.parametrize("steps, every", [(30, 3), (50, 5)])
+def test_match_every_follows_the_step_count_by_default(steps, every):
+    case = build("cogvideox")
+    fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "kv_ratio": 0.3})
+    _loop(case.inputs(batch=1), steps, fn)
+    _loop(case.inputs(batch=1), steps, fn)  # the second generation knows the first one's length
+    sites = 2 * 2
+    first, second = ditopt.stats(case.model)["generations"]
+    assert second["asymrnr"]["matchings"] == sites * math.ceil(steps / every)
+    assert first["asymrnr"]["matchings"] == sites * math.ceil(steps / every)  # from the timestep decrement
+
+
+def test_first_steps_reduce_nothing():
+    case = build("cogvideox")
+    fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "kv_ratio": 0.3, "first_steps": 3})
+    _loop(case.inputs(batch=1), 5, fn)
+    (g,) = ditopt.stats(case.model)["generations"]
+    plans_per_step = 2  # one q plan per block
+    assert g["asymrnr"]["q_plans"] == 5 * plans_per_step
+    assert abs(g["asymrnr"]["q_ratio_sum"] - 0.5 * 2 * plans_per_step) < 1e-9  # steps 3 and 4 only

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ditopt import bench, fixture, models
+from ditopt.harness import bench, fixture, models
 
 
 def test_bench_measures_every_configuration_and_writes_json(tmp_path):

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from ditopt import models
+from ditopt.harness import models
 from ditopt.runtime import runtimes_of
 
 FAMILIES = models.FAMILIES

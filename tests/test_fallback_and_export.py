@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ditopt import models
+from ditopt.harness import models
 
 from conftest import compile_ditopt
 

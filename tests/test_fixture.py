@@ -2,8 +2,8 @@
 
 import torch
 
-from ditopt import fixture
-from ditopt.fixture.data import COLOURS, measure_motion, parse_prompt
+from ditopt.harness import fixture
+from ditopt.harness.fixture.data import COLOURS, measure_motion, parse_prompt
 
 AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
 
@@ -53,7 +53,7 @@ def test_training_log_is_shipped_and_ends_lower_than_it_starts():
 
 
 def test_swapping_any_word_of_the_prompt_costs_loss():
-    from ditopt.fixture.probe import word_losses
+    from ditopt.harness.fixture.probe import word_losses
 
     losses = word_losses(fixture.load_fixture(), levels=(0.85, 0.5), clips=32)
     for level, at in losses.items():

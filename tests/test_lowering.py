@@ -5,7 +5,7 @@ import torch
 from ditopt.analysis import analyze
 from ditopt.lowering import graph_key, split_regions
 from ditopt.runtime import runtimes_of
-from ditopt.stdit import STDiT
+from ditopt.harness.stdit import STDiT
 
 from conftest import capture_graphs, compile_ditopt
 

@@ -1,19 +1,74 @@
 """The pass pipeline: declared order, counted matches, and (all methods off) exact equivalence."""
 
+import ast
+from pathlib import Path
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ditopt
+import ditopt.passes
 from ditopt import Config
 from ditopt.analysis import analyze
-from ditopt.passes import PIPELINE, run_pipeline
-from ditopt.stdit import STDiT
+from ditopt.passes import METHODS, NORMALIZE, run_pipeline
+from ditopt.harness.stdit import STDiT
 
 from conftest import capture_graphs
 
 
 def test_pipeline_is_declared_once_in_order():
-    assert [p.name for p in PIPELINE] == ["remove_inference_noops", "toca", "asymrnr", "adacache"]
+    assert [name for name, _ in NORMALIZE] == ["remove_inference_noops"]
+    assert [m.name for m in METHODS] == ["toca", "asymrnr", "adacache", "teacache"]
+
+
+def test_the_core_names_no_method():
+    root = Path(ditopt.__file__).parent
+    for module in ("backend.py", "lowering.py", "runtime.py"):
+        text = (root / module).read_text().lower()
+        named = [m.name for m in METHODS if m.name in text]
+        assert named == [], f"ditopt/{module} names {named}"
+
+
+def test_no_import_circle_among_the_compiler_modules():
+    """Module-level imports of ditopt's core and passes form no cycle (imports inside functions are lazy)."""
+    root = Path(ditopt.__file__).parent
+    files = {f"ditopt.{p.stem}": p for p in root.glob("*.py") if p.stem != "__main__"}
+    for p in Path(ditopt.passes.__file__).parent.rglob("*.py"):
+        rel = p.relative_to(Path(ditopt.passes.__file__).parent).with_suffix("")
+        name = ".".join(("ditopt.passes", *rel.parts))
+        files[name.removesuffix(".__init__")] = p
+    graph = {name: _module_imports(name, path, set(files)) for name, path in files.items()}
+    state: dict[str, int] = {}
+
+    def visit(name, path):
+        state[name] = 1
+        for dep in graph[name]:
+            assert state.get(dep) != 1, f"import circle: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[name] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def _module_imports(name: str, path: Path, known: set) -> set:
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:  # module level only
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.add(full if full in known else base)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {d for d in found if d in known and d != name}
 
 
 @settings(max_examples=5, deadline=None)
@@ -32,7 +87,7 @@ def test_noop_removal_counts_wan_dropouts_and_preserves_output(layers, heads, fr
     args = _example_args(gm)
     with torch.no_grad():
         before = gm(*args)[0]
-        gm2, structure, reports = run_pipeline(gm, analyze(gm), Config.from_options({"lowering": "eager"}))
+        gm2, structure, reports = run_pipeline(gm, Config.from_options({"lowering": "eager"}))
         after = gm2(*args)[0]
     assert reports["remove_inference_noops"]["removed"]["dropout"] == 3 * layers
     assert len(structure.blocks) == layers
@@ -54,6 +109,6 @@ def test_pipeline_output_equals_input_graph_on_stdit(depth, frames):
     args = _example_args(gm)
     with torch.no_grad():
         before = gm(*args)[0]
-        gm2, _, reports = run_pipeline(gm, analyze(gm), Config.from_options({"lowering": "eager"}))
+        gm2, _, reports = run_pipeline(gm, Config.from_options({"lowering": "eager"}))
         assert torch.equal(gm2(*args)[0], before)
     assert reports["remove_inference_noops"]["removed"] == {"float": 1}  # timestep.float() on a float tensor

@@ -6,7 +6,7 @@ from torch._dynamo.utils import counters
 
 import ditopt
 from ditopt.runtime import StepClock
-from ditopt.stdit import STDiT
+from ditopt.harness.stdit import STDiT
 
 from conftest import compile_ditopt
 

@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 
 import ditopt
 from ditopt import Config
-from ditopt import token_scores as ts
+from ditopt.passes.toca import scores as ts
 from ditopt.analysis import analyze
-from ditopt.models import build, call
+from ditopt.harness.models import build, call
 from ditopt.passes import run_pipeline
 from ditopt.runtime import count_flops, runtimes_of
-from ditopt.toca import quantised_rows, step_factor
+from ditopt.passes.toca import quantised_rows, step_factor
 
 from conftest import capture_graphs, compile_ditopt
 
@@ -108,7 +108,7 @@ def test_pass_counts_sites_and_scores_and_the_graph_still_computes_the_model(fam
     args = gm.example_inputs
     with torch.no_grad():
         reference = gm(*args)[0]
-        gm, _, reports = run_pipeline(gm, analyze(gm), Config.from_options({"preset": "lossless", "toca": {}}))
+        gm, _, reports = run_pipeline(gm, Config.from_options({"preset": "lossless", "toca": {}}))
         out = gm(*args)[0]
     report = reports["toca"]
     assert {k: sum(s["kind"] == k for s in report["sites"]) for k in kinds} == kinds
@@ -122,7 +122,7 @@ def test_pass_counts_sites_and_scores_and_the_graph_still_computes_the_model(fam
 def test_score_none_inserts_no_score_op():
     case = build("wan")
     gm = capture_graphs(case.model, case.inputs())[0]
-    gm, _, reports = run_pipeline(gm, analyze(gm), Config.from_options({"preset": "lossless", "toca": {"score": "none"}}))
+    gm, _, reports = run_pipeline(gm, Config.from_options({"preset": "lossless", "toca": {"score": "none"}}))
     assert reports["toca"]["scores"] == [] and len(reports["toca"]["sites"]) == 6
     assert not any(n.target in (ops.attention_entropy.default, ops.attention_column_score.default) for n in gm.graph.nodes)
 
@@ -131,7 +131,7 @@ def test_pass_reports_sites_it_cannot_cache():
     # temporal attention is a self site (reused whole), but it is never a score source
     case = build("latte")
     gm = capture_graphs(case.model, case.inputs())[0]
-    _, _, reports = run_pipeline(gm, analyze(gm), Config.from_options({"preset": "lossless", "toca": {}}))
+    _, _, reports = run_pipeline(gm, Config.from_options({"preset": "lossless", "toca": {}}))
     no_score = [s for s in reports["toca"]["scores"] if s["score"] is None]
     assert no_score and all("no cross-attention or full/spatial self-attention" in s["reason"] for s in no_score)
 
@@ -217,7 +217,7 @@ def test_cache_after_a_partial_step_holds_new_rows_where_selected_and_old_rows_e
             planner = runtimes_of(case.model)[0]
             state = planner.clock.streams[0].state["toca"]
             snapshots.update({s.block: (state.sites[s.id].cache.clone(), state.sites[s.id].rows.clone())
-                              for ss in planner.toca.sites.values() for s in ss if s.kind == "mlp"})
+                              for ss in planner.hooks[0].sites.values() for s in ss if s.kind == "mlp"})
 
     _run(fn, inputs, 3, on_step=snapshot)
     _, mlp_out = _emulated(case.model, inputs, 3, reused_at={1, 2}, capture="ffn")
@@ -282,3 +282,37 @@ def test_inductor_lowering_matches_eager_lowering_with_partial_steps():
     ditopt.reset(case.model)
     fn = torch.compile(case.model, backend="ditopt", options={"preset": "lossless", **opts})
     assert torch.allclose(_run(fn, inputs, 4), eager, atol=1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(half=st.integers(1, 2), h=st.integers(1, 3), n=st.integers(1, 20), m=st.integers(1, 12),
+       mask=st.sampled_from(["none", "key_bool", "additive"]))
+def test_cfg_halves_combine_their_attention_before_the_entropy(half, h, n, m, mask):
+    b, d = 2 * half, 8
+    gen = torch.Generator().manual_seed(half * 100 + n * 7 + m)
+    q, k = torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, m, d, generator=gen)
+    attn_mask = _mask(mask, b, n, m, gen)
+    logits = q @ k.transpose(-1, -2) / d ** 0.5
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    probs = logits.softmax(-1).mean(1)
+    uncond, cond = probs.chunk(2)
+    shared = (uncond + cond) / 2
+    want = -(shared * torch.log(shared + 1e-7)).sum(-1).repeat(2, 1)
+    assert torch.allclose(ts.attention_entropy(q, k, attn_mask, cfg_halves=True, chunk=5), want, atol=1e-5)
+    assert torch.allclose(ops.attention_entropy(q, k, attn_mask, None, True), want, atol=1e-5)
+
+
+def test_pixart_reference_computes_more_rows_early_than_late():
+    case = build("pixart")
+    steps = 12
+    _run(compile_ditopt(case.model, toca={"reference": "pixart"}), case.inputs(batch=2), steps)
+    rows = ditopt.stats(case.model)["generations"][-1]["toca"]["rows_by_step"]
+    assert len(rows) == steps
+    partial = [s for s in range(steps) if s % 3]  # interval 3: steps 0, 3, 6, 9 compute every row
+
+    def mean_rows(window):
+        picked = [rows[s] for s in partial if s in window]
+        return sum(picked) / len(picked)
+
+    assert mean_rows(range(steps // 3)) > mean_rows(range(steps - steps // 3, steps)), rows

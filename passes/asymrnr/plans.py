@@ -32,21 +32,24 @@ def num_destinations(grid: tuple[int, int, int], stride: tuple[int, int, int]) -
     return math.prod(g // s for g, s in zip(grid, stride))
 
 
-def split_grid(grid: tuple[int, int, int], stride: tuple[int, int, int], seed: int,
+def split_grid(grid: tuple[int, int, int], stride: tuple[int, int, int], seed: "int | torch.Generator",
                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """(destination tokens, source tokens), each sorted, int64, for an F x H x W grid in row-major order.
 
-    One destination per full (sf, sh, sw) cell, at a position drawn with `seed`; tokens of the
-    ragged border (where the stride does not divide the grid) are all sources.
+    One destination per full (sf, sh, sw) cell, at a position drawn from `seed` (a number, or a
+    generator to draw from); tokens of the ragged border (where the stride does not divide the
+    grid) are all sources, and along each axis the border is split at random between its two
+    ends, as the reference does.
     """
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     F, H, W = grid
     sf, sh, sw = effective_stride(grid, stride)
     nf, nh, nw = F // sf, H // sh, W // sw
-    gen = torch.Generator().manual_seed(seed)
     offset = torch.randint(0, sf * sh * sw, (nf, nh, nw), generator=gen)
-    f = torch.arange(nf).view(-1, 1, 1) * sf + offset // (sh * sw)
-    h = torch.arange(nh).view(1, -1, 1) * sh + (offset // sw) % sh
-    w = torch.arange(nw).view(1, 1, -1) * sw + offset % sw
+    lead = [int(torch.randint(0, g % s, (1,), generator=gen)) if g % s else 0 for g, s in zip(grid, (sf, sh, sw))]
+    f = lead[0] + torch.arange(nf).view(-1, 1, 1) * sf + offset // (sh * sw)
+    h = lead[1] + torch.arange(nh).view(1, -1, 1) * sh + (offset // sw) % sh
+    w = lead[2] + torch.arange(nw).view(1, 1, -1) * sw + offset % sw
     dst = ((f * H + h) * W + w).flatten().sort().values
     is_dst = torch.zeros(F * H * W, dtype=torch.bool)
     is_dst[dst] = True

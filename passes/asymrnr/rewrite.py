@@ -23,15 +23,29 @@ attention and grouped-query attention.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-import ditopt.ops  # noqa: F401  (registers torch.ops.ditopt)
-from ditopt.analysis import AttentionSite, DiTStructure, sdpa_mask_and_scale, sdpa_qkv, shape
-from ditopt.config import Config
+from ditopt.analysis import AttentionSite, DiTStructure, shape
+from ditopt.method import Rewrite, Tag, tag
+from ditopt.patterns import call_args, sdpa_qkv, set_call_arg
+
+from . import ops as _ops  # noqa: F401  (registers AsymRnR's torch.ops.ditopt ops)
+from .config import AsymRnRConfig
 
 ops = torch.ops.ditopt
+NAME = "asymrnr"
+
+
+@dataclass(frozen=True)
+class MatchRequest:
+    """What one token_match node asks the hook for."""
+
+    block: int
+    site: str
+    role: str  # "q" or "kv"
 
 
 def _why_not(site: AttentionSite, node: fx.Node) -> str | None:
@@ -41,20 +55,17 @@ def _why_not(site: AttentionSite, node: fx.Node) -> str | None:
         return "temporal attention (its sequences are a few frames long)"
     if site.video_span is None:
         return "the video tokens' place in the joint sequence was not found"
-    mask = _mask(node)
+    args = call_args(node, "sdpa")
+    mask = args["attn_mask"]
     if mask is not None:
         dims = shape(mask) if isinstance(mask, fx.Node) else None
         if dims is None or len(dims) != 4 or dims[1] != 1 or dims[2] != 1:
             return "the attention mask is not a key mask of shape [B, 1, 1, S] (only those are reduced with K/V)"
-    if (node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)) is True:
+    if args["is_causal"] is True:
         return "causal attention"
-    if node.kwargs.get("enable_gqa"):
+    if args["enable_gqa"]:
         return "grouped-query attention"
     return None
-
-
-def _mask(node: fx.Node):
-    return sdpa_mask_and_scale(node)[0]
 
 
 def site_grid(site: AttentionSite, structure: DiTStructure, stride: tuple) -> tuple[tuple, tuple]:
@@ -102,20 +113,14 @@ class _Builder:
 
 def _match(b: _Builder, x: fx.Node, ratio: float, grid, stride, cfg, role: str, block: int, site: str,
            outputs: tuple[int, ...]) -> list[fx.Node]:
-    tag = {"ditopt_match": {"block": block, "site": site, "role": role}}
-    m = b.call(ops.token_match.default, (x, float(ratio), list(grid), list(stride), cfg.metric, cfg.seed), tag)
-    m.meta["ditopt_match_region"] = f"{site}:{role}"
-    items = []
-    for i in outputs:
-        item = b.call(operator.getitem, (m, i))
-        item.meta["ditopt_match_region"] = m.meta["ditopt_match_region"]
-        items.append(item)
-    return items
+    """A token_match node (a region of its own, which the hook runs) and the getitems of its outputs."""
+    m = b.call(ops.token_match.default, (x, float(ratio), list(grid), list(stride), cfg.metric, cfg.seed))
+    tag(m, Tag(NAME, "match", MatchRequest(block, site, role), own_region=f"{site}:{role}"))
+    return [b.call(operator.getitem, (m, i)) for i in outputs]
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, site: AttentionSite, block: int, structure: DiTStructure,
-             config: Config) -> dict:
-    cfg = config.asymrnr
+             cfg: AsymRnRConfig) -> dict:
     grid, stride = site_grid(site, structure, cfg.stride)
     start, n = site.video_span
     pre, post = start, site.q_len - start - n
@@ -134,7 +139,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, site: AttentionSite, block: int,
         new_q = b.around(pre, post, q, reduce(qv, (keep_q, source_q)))
         new_k = b.around(pre, post, k, reduce(kv_video, kv_plan))
         new_v = b.around(pre, post, v, reduce(vv, kv_plan))
-        mask = _mask(node)
+        mask = call_args(node, "sdpa")["attn_mask"]
         if mask is not None:  # a key mask [B, 1, 1, S]: keep the columns of the kept keys, per head
             columns = b.call(torch.Tensor.transpose, (b.tokens(mask, pre, post, dim=3), -1, -2))  # [B, 1, n, 1]
             columns = b.call(torch.Tensor.expand, (columns, -1, site.heads, -1, -1))
@@ -142,11 +147,8 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, site: AttentionSite, block: int,
             text = b.call(torch.Tensor.expand, (mask, -1, site.heads, -1, -1))
             new_mask = b.around(pre, post, text, kept, dim=3)
     news = [("query", new_q), ("key", new_k), ("value", new_v)] + ([("attn_mask", new_mask)] if mask is not None else [])
-    for i, (name, new) in enumerate(news):
-        if i < len(node.args):
-            node.update_arg(i, new)
-        else:
-            node.update_kwarg(name, new)
+    for name, new in news:
+        set_call_arg(node, "sdpa", name, new)
     users = list(node.users)
     with gm.graph.inserting_before(node.next):
         b = _Builder(gm.graph, node)
@@ -158,20 +160,17 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, site: AttentionSite, block: int,
             "text_before": pre, "text_after": post}
 
 
-def run(gm: fx.GraphModule, structure: DiTStructure, config: Config):
+def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg: AsymRnRConfig) -> Rewrite:
     """Rewrite every supported video self-attention; the report lists rewritten and skipped sites."""
-    from . import PassResult
-
-    nodes = {n.name: n for n in gm.graph.nodes}
     rewritten, skipped = [], []
     for block in structure.blocks:
         for site in block.attention:
-            node = nodes[site.sdpa]
-            why = _why_not(site, node)
+            why = _why_not(site, site.sdpa)
             if why is not None:
                 skipped.append({"site": site.name, "reason": why})
                 continue
-            rewritten.append(_rewrite(gm, node, site, block.index, structure, config))
+            rewritten.append(_rewrite(gm, site.sdpa, site, block.index, structure, cfg))
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, structure, {"rewritten": rewritten, "skipped": skipped})
+    report = {"rewritten": rewritten, "skipped": skipped}
+    return Rewrite(report, None if rewritten else "no attention site could be reduced")

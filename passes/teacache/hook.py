@@ -1,4 +1,4 @@
-"""TeaCache's criterion as a second policy on ditopt's skip guards.
+"""TeaCache's decision policy on the shared skip guards.
 
 Before the blocks run, the relative L1 change of the first block's modulated
 input since the previous step is rescaled by a polynomial and accumulated;
@@ -15,11 +15,10 @@ from typing import Sequence
 
 import torch
 
-from .adacache import in_last_steps, relative_l1
-from .config import AdaCacheConfig
-from .runtime import StreamState
+from ..skipping import SkipHook, guarded_spans, in_last_steps, plan_spans, probe_slots, relative_l1
+from .config import TeaCacheConfig
 
-TEACACHE_PROBE = "teacache"
+NAME = "teacache"
 
 
 def rescale(value: float, coefficients: Sequence[float]) -> float:
@@ -59,41 +58,50 @@ class _TeaState:
 
 
 class TeaCachePolicy:
-    name = "teacache"
-
-    def __init__(self, cfg: AdaCacheConfig):
+    def __init__(self, cfg: TeaCacheConfig):
         self.cfg = cfg
 
-    def _state(self, stream: StreamState) -> _TeaState:
-        return stream.state.setdefault(self.name, _TeaState())
+    def new_state(self) -> _TeaState:
+        return _TeaState()
 
-    def begin_call(self, runtime, stream: StreamState) -> None:
+    def begin_call(self, call, st: _TeaState) -> None:
         pass
 
-    def should_skip(self, runtime, span, stream: StreamState, probes: dict) -> bool:
-        st = self._state(stream)
-        if st.decided_step == stream.step:  # later spans of the same step share the decision
+    def should_skip(self, call, st: _TeaState, span, probes: dict) -> bool:
+        if st.decided_step == call.step:  # later spans of the same step share the decision
             return st.skip
-        st.decided_step = stream.step
-        current = probes.get(TEACACHE_PROBE)
+        st.decided_step = call.step
+        current = probes.get("modulated_input")
         change = None
         if current is not None and st.previous is not None:
             change = float(relative_l1(current, st.previous))  # the one host read of this step
         if current is not None:
             st.previous = current.detach()
         st.changes.append(change)
-        must = change is None or stream.step < self.cfg.first_steps or in_last_steps(self.cfg, stream)
+        cfg = self.cfg
+        must = (change is None or call.step < cfg.first_steps
+                or in_last_steps(cfg.last_steps, cfg.num_steps, call.step, call.stream.timesteps))
         if must:
             st.accumulated, st.skip = 0.0, False
         else:
-            st.accumulated += rescale(change, self.cfg.teacache_coefficients)
-            st.skip = st.accumulated < self.cfg.teacache_threshold
+            st.accumulated += rescale(change, cfg.coefficients)
+            st.skip = st.accumulated < cfg.threshold
             if not st.skip:
                 st.accumulated = 0.0
         st.decisions.append("S" if st.skip else "C")
         return st.skip
 
-    def end_call(self, runtime, stream: StreamState, probes: dict) -> None:
-        st = self._state(stream)
-        stream.stats.method["teacache_decisions"] = "".join(st.decisions)
-        stream.stats.method["teacache_changes"] = [None if c is None else round(c, 5) for c in st.changes]
+    def end_call(self, call, st: _TeaState, probes: dict) -> None:
+        pass
+
+    def stats(self, st: _TeaState) -> dict:
+        return {"decisions": "".join(st.decisions),
+                "changes": [None if c is None else round(c, 5) for c in st.changes]}
+
+
+def make_hook(cfg: TeaCacheConfig, lowered) -> SkipHook | str:
+    """The runtime part for a lowered graph, or why there is none."""
+    spans = plan_spans(lowered, guarded_spans(lowered, NAME))
+    if not spans:
+        return "no guarded span of blocks is left in the lowered graph"
+    return SkipHook(NAME, TeaCachePolicy(cfg), spans, probe_slots(lowered, NAME))

@@ -54,13 +54,19 @@ def attention_column_score(q: Tensor, k: Tensor, mask: Tensor | None = None, sca
 
 
 def attention_entropy(q: Tensor, k: Tensor, mask: Tensor | None = None, scale: float | None = None,
-                      chunk: int = QUERY_CHUNK) -> Tensor:
-    """s2: entropy of each query's head-averaged attention distribution over the keys, [B, N]."""
+                      cfg_halves: bool = False, chunk: int = QUERY_CHUNK) -> Tensor:
+    """s2: entropy of each query's head-averaged attention distribution over the keys, [B, N].
+
+    With cfg_halves (an even batch of CFG's uncond and cond halves), the two halves' distributions are
+    averaged before the entropy, as the reference does, and both halves get that one entropy."""
     B, H, N, _ = q.shape
+    shared = cfg_halves and B % 2 == 0
     out = q.new_empty(B, N, dtype=torch.float32)
     for start in range(0, N, chunk):
         logits = _logits(q, k, mask, scale, slice(start, start + chunk))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1)  # [B, r, M]
+        if shared:
+            probs = probs.view(2, B // 2, *probs.shape[1:]).mean(0).repeat(2, 1, 1)
         out[:, start:start + chunk] = -(probs * torch.log(probs + 1e-7)).sum(-1)
     return out
 

@@ -1,12 +1,14 @@
 """AsymRnR at run time: matching cache, ratio schedules and statistics.
 
-The pass (passes/asymrnr.py) puts one `ditopt::token_match` node before each
+The rewrite (rewrite.py) puts one `ditopt::token_match` node before each
 rewritten attention, for Q and for K/V.  The lowering gives each of those
-nodes a region of its own and the runtime hands it to the `MatchPlanner`
-here, which
+nodes a region of its own, which the `MatchPlanner` here runs:
 
-- recomputes the match (a fresh seeded split, the nearest-destination
-  kernel) every `match_every` steps of a stream, and reuses it in between;
+- recomputes the match (a fresh random split for each block and for Q and
+  K/V apart, drawn from one generator per stream seeded by `seed`, and the
+  nearest-destination kernel) every `match_every` steps of a stream (by
+  default a tenth of the generation's steps, as the reference: 5 for 50,
+  3 for 30), and reuses it in between;
   a new generation, stream, batch size, shape, dtype or device never reuses
   a stale match;
 - asks the schedule for this (block, step, role)'s ratio and selects the
@@ -21,14 +23,17 @@ sync; the adaptive schedule reads one number per site at refresh steps.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.ditopt)
-from . import token_matching as tm
+from ditopt.kernels.matching import matching_flops
+from ditopt.method import Hook
+
+from . import plans as tm
 from .config import AsymRnRConfig
-from .kernels.matching import matching_flops
+from .rewrite import NAME
 
 
 @dataclass(frozen=True)
@@ -103,30 +108,70 @@ def tiers_to_ratios(tiers: list, tier_ratios: dict) -> list:
     return out
 
 
-class MatchPlanner:
-    """Runs the `match` regions: cached matches, scheduled ratios, statistics."""
+@dataclass
+class StreamMatches:
+    """One stream's matches and counters for the current generation."""
+
+    generator: torch.Generator  # every split of this stream's generation is drawn from it, in call order
+    matches: dict = field(default_factory=dict)  # region index -> Match
+    q_len: dict = field(default_factory=dict)  # site -> kept query tokens at this step
+    stats: dict = field(default_factory=lambda: _empty_stats())
+
+
+class MatchPlanner(Hook):
+    """Runs the match regions: cached matches, scheduled ratios, statistics."""
+
+    name = NAME
 
     def __init__(self, cfg: AsymRnRConfig, sites: dict[int, MatchSite], num_blocks: int):
         self.cfg = cfg
         self.sites = sites  # region index -> site
         self.schedule = RatioSchedule(cfg, num_blocks)
+        self.last_generation_steps: int | None = None  # length of the last generation this graph ran
+        self._steps = 0
 
-    def plan(self, region_index: int, x: torch.Tensor, stream) -> list[torch.Tensor]:
+    def new_state(self) -> StreamMatches:
+        return StreamMatches(torch.Generator().manual_seed(self.cfg.seed))
+
+    def begin_call(self, call) -> None:
+        if call.step == 0 and self._steps > 1:
+            self.last_generation_steps = self._steps
+        self._steps = 1 if call.step == 0 else max(self._steps, call.step + 1)
+
+    def match_every(self, call) -> int:
+        """`match_every`, or a tenth of the steps: from `num_steps`, else the last generation's length,
+        else the steps the last timestep decrement leaves (exact for uniform schedules)."""
+        if self.cfg.match_every is not None:
+            return self.cfg.match_every
+        steps = self.cfg.num_steps or self.last_generation_steps
+        ts = call.stream.timesteps
+        if steps is None and len(ts) >= 2 and ts[-2] > ts[-1]:
+            steps = call.step + math.ceil(ts[-1] / (ts[-2] - ts[-1]) - 1e-3)
+        return max(1, round(steps / 10)) if steps else 5
+
+    def stats(self, state: StreamMatches) -> dict:
+        return dict(state.stats)
+
+    def run_region(self, call, region, inputs: list) -> list | None:
+        if region.index not in self.sites:
+            return None
+        return self.plan(region.index, inputs[0], call.step, call.state(self), self.match_every(call))
+
+    def plan(self, region_index: int, x: torch.Tensor, step: int, state: StreamMatches,
+             every: int = 5) -> list[torch.Tensor]:
         site = self.sites[region_index]
-        state = stream.state.setdefault("asymrnr", {"matches": {}, "refreshes": {}, "q_len": {}})
-        stats = stream.stats.method.setdefault("asymrnr", _empty_stats())
+        stats = state.stats
         key = (tuple(x.shape), x.dtype, x.device)
-        match = state["matches"].get(region_index)
-        if match is None or match.shape_key != key or stream.step - match.step >= self.cfg.match_every:
-            refreshes = state["refreshes"].get(region_index, 0)
-            state["refreshes"][region_index] = refreshes + 1
-            match = state["matches"][region_index] = self._match(site, x, stream.step, key, self.cfg.seed + refreshes)
+        match = state.matches.get(region_index)
+        if match is None or match.shape_key != key or step - match.step >= every:
+            match = state.matches[region_index] = self._match(site, x, step, key, state.generator)
             B, H, _, D = x.shape
             stats["matchings"] += 1
             stats["matching_gflops"] += matching_flops(B, H, match.src.numel(), match.dst.numel(), D) / 1e9
         else:
             stats["reused"] += 1
-        ratio = self.schedule.ratio(site.block, stream.step, site.role, match.measured_ratio)
+        ratio = 0.0 if step < self.cfg.first_steps else self.schedule.ratio(site.block, step, site.role,
+                                                                             match.measured_ratio)
         plan = match.plans.get(ratio)
         if plan is None:
             plan = match.plans[ratio] = tm.select_tokens(match.nearest, match.distance, match.dst, match.src,
@@ -134,8 +179,8 @@ class MatchPlanner:
         self._count(stats, state, site, ratio, plan[0].shape[-1], x.shape[2])
         return [plan[i] for i in site.outputs]
 
-    def _match(self, site: MatchSite, x: torch.Tensor, step: int, key: tuple, seed: int) -> Match:
-        dst, src = tm.split_grid(site.grid, site.stride, seed, x.device)
+    def _match(self, site: MatchSite, x: torch.Tensor, step: int, key: tuple, generator: torch.Generator) -> Match:
+        dst, src = tm.split_grid(site.grid, site.stride, generator, x.device)
         nearest, distance = torch.ops.ditopt.nearest_destination(x, src, dst, site.metric)
         match = Match(key, step, dst, src, nearest, distance)
         if self.schedule.adaptive:
@@ -145,13 +190,13 @@ class MatchPlanner:
         return match
 
     @staticmethod
-    def _count(stats: dict, state: dict, site: MatchSite, ratio: float, kept: int, tokens: int) -> None:
+    def _count(stats: dict, state: StreamMatches, site: MatchSite, ratio: float, kept: int, tokens: int) -> None:
         stats[f"{site.role}_ratio_sum"] += ratio
         stats[f"{site.role}_plans"] += 1
         if site.role == "q":
-            state["q_len"][site.site] = kept
+            state.q_len[site.site] = kept
         else:  # Q is matched before K/V in every rewritten site
-            q_kept = state["q_len"].get(site.site, tokens)
+            q_kept = state.q_len.get(site.site, tokens)
             stats["video_pairs"] += q_kept * kept
             stats["video_pairs_full"] += tokens * tokens
         stats["video_attention_fraction"] = round(stats["video_pairs"] / max(1, stats["video_pairs_full"]), 4)
@@ -163,15 +208,18 @@ def _empty_stats() -> dict:
             "video_attention_fraction": 1.0}
 
 
-def build_planner(cfg: AsymRnRConfig, regions, num_blocks: int) -> MatchPlanner | None:
-    """The planner for a lowered graph's match regions (None when the graph has none)."""
+def make_hook(cfg: AsymRnRConfig, lowered) -> MatchPlanner | str:
+    """The planner for a lowered graph's match regions, or why there is none."""
     sites = {}
-    for r in regions:
-        if r.kind != "match":
+    for r in lowered.regions:
+        if r.owner is None or r.owner.method != NAME:
             continue
         node = next(n for n in r.gm.graph.nodes if n.target is torch.ops.ditopt.token_match.default)
         x, _, grid, stride, metric, _ = node.args
-        meta = node.meta["ditopt_match"]
+        request = r.owner.payload
         outputs = tuple(o.args[1] for o in r.gm.graph.output_node().args[0])  # getitem indices
-        sites[r.index] = MatchSite(meta["block"], meta["site"], meta["role"], tuple(grid), tuple(stride), metric, outputs)
-    return MatchPlanner(cfg, sites, num_blocks) if sites else None
+        sites[r.index] = MatchSite(request.block, request.site, request.role, tuple(grid), tuple(stride), metric,
+                                   outputs)
+    if not sites:
+        return "no match region is left in the lowered graph"
+    return MatchPlanner(cfg, sites, len(lowered.structure.blocks))

@@ -15,7 +15,7 @@ to the attention that defines them, from its own Q and K, never from a map:
 s2 (`ditopt.attention_entropy`) at the block's cross-attention, or s1
 (`ditopt.attention_column_score`) at its self-attention when it has no
 cross-attention.  Run as is, the rewritten graph computes exactly what the
-model does; the lowering specialises each block per step (ditopt/toca.py).
+model does; the hook specialises each block per step (hook.py).
 
 A row site is rewritten only when its module is provably row-wise here: its
 nodes hand no value out but the output, and re-propagating shapes with a
@@ -25,16 +25,40 @@ would fail).  Skipped sites are listed with the reason.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
-import ditopt.ops  # noqa: F401  (registers torch.ops.ditopt)
-from ditopt.analysis import (AttentionSite, Block, DiTStructure, example, q_projection_input, sdpa_mask_and_scale,
-                             sdpa_qkv, shape)
-from ditopt.config import Config
+from ditopt.analysis import AttentionSite, Block, DiTStructure, example, q_projection_input, shape
+from ditopt.method import Rewrite, Tag, tag
+from ditopt.patterns import SDPA_TARGETS, call_args, is_call
+
+from . import ops as _ops  # noqa: F401  (registers ToCa's torch.ops.ditopt ops)
+from .config import ToCaConfig
 
 ops = torch.ops.ditopt
-META = "ditopt_toca"
+NAME = "toca"
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    """A cached site, the payload of its nodes (roles rows, gather, update)."""
+
+    id: int
+    block: int
+    kind: str  # "self", "cross" or "mlp"
+    name: str
+    tokens: int  # rows of the site's output
+
+
+@dataclass(frozen=True)
+class ScoreRef:
+    """The payload of a score node: the site whose attention it scores (its id), and which score."""
+
+    id: int
+    block: int
+    kind: str  # "entropy" (s2) or "column" (s1)
 
 
 def _closure(start: fx.Node, step, within: set) -> set[fx.Node]:
@@ -124,16 +148,14 @@ def _shape_check(x_in: fx.Node, region: list[fx.Node], out: fx.Node) -> str | No
     return None
 
 
-def _tag(node: fx.Node, anchor: fx.Node, **info) -> fx.Node:
-    node.meta.update({k: anchor.meta[k] for k in ("nn_module_stack", "stack_trace") if k in anchor.meta})
-    node.meta[META] = info
-    return node
+def _site_tag(node: fx.Node, anchor: fx.Node, site: dict, role: str) -> fx.Node:
+    ref = SiteRef(site["site"], site["block"], site["kind"], site["name"], site["tokens"])
+    return tag(node, Tag(NAME, role, ref), like=anchor)
 
 
 class _Rewriter:
-    def __init__(self, gm: fx.GraphModule, structure: DiTStructure, config: Config):
-        self.gm, self.graph, self.structure, self.cfg = gm, gm.graph, structure, config.toca
-        self.nodes = {n.name: n for n in gm.graph.nodes}
+    def __init__(self, gm: fx.GraphModule, structure: DiTStructure, cfg: ToCaConfig):
+        self.gm, self.graph, self.structure, self.cfg = gm, gm.graph, structure, cfg
         self.sites: list[dict] = []
         self.skipped: list[dict] = []
         self.scores: list[dict] = []
@@ -144,19 +166,17 @@ class _Rewriter:
             if att.kind in ("self", "joint"):
                 self._reuse_site(block, att)
             elif att.kind == "cross":
-                self._row_site(block, att.name, "cross", q_projection_input(self.nodes[att.sdpa], members),
+                self._row_site(block, att.name, "cross", q_projection_input(att.sdpa, members),
                                att.output, members)
             else:
                 self.skipped.append({"site": att.name, "reason": f"{att.kind} attention"})
         for mlp in block.mlps:
-            self._row_site(block, mlp.name, "mlp", self.nodes.get(mlp.input), mlp.output, members)
+            self._row_site(block, mlp.name, "mlp", mlp.input, mlp.output, members)
         self._score(block)
 
     def _block_nodes(self, block: Block) -> list[fx.Node]:
         nodes = list(self.graph.nodes)
-        first = nodes.index(self.nodes[block.first_node])
-        last = nodes.index(self.nodes[block.last_node])
-        return nodes[first:last + 1]
+        return nodes[nodes.index(block.first_node):nodes.index(block.last_node) + 1]
 
     def _new_site(self, block: Block, name: str, kind: str, rows_of: fx.Node) -> dict:
         site = {"site": len(self.sites), "block": block.index, "name": name, "kind": kind,
@@ -165,24 +185,23 @@ class _Rewriter:
         return site
 
     def _reuse_site(self, block: Block, att: AttentionSite) -> None:
-        out = self.nodes.get(att.output) if att.output else None
+        out = att.output
         if out is None or shape(out) is None or len(shape(out)) != 3:
             self.skipped.append({"site": att.name, "reason": "no [batch, tokens, channels] output projection found"})
             return
         site = self._new_site(block, att.name, "self", out)
         users = list(out.users)
         with self.graph.inserting_after(out):
-            rows = _tag(self.graph.call_function(ops.toca_rows.default, (out, site["site"])), out, **site, role="rows")
+            rows = _site_tag(self.graph.call_function(ops.toca_rows.default, (out, site["site"])), out, site, "rows")
         with self.graph.inserting_after(rows):
             update = self.graph.call_function(ops.toca_update.default, (out, rows, site["site"], site["tokens"]))
-            _tag(update, out, **site, role="update")
+            _site_tag(update, out, site, "update")
         for u in users:
             u.replace_input_with(out, update)
         site["sdpa"] = att.sdpa
 
-    def _row_site(self, block: Block, name: str, kind: str, x_in: fx.Node | None, out_name: str | None,
+    def _row_site(self, block: Block, name: str, kind: str, x_in: fx.Node | None, out: fx.Node | None,
                   members: set) -> None:
-        out = self.nodes.get(out_name) if out_name else None
         if x_in is None or out is None:
             self.skipped.append({"site": name, "reason": "the module's input or output projection was not found"})
             return
@@ -196,28 +215,27 @@ class _Rewriter:
         site = self._new_site(block, name, kind, x_in)
         first_use = region[0]
         with self.graph.inserting_before(first_use):
-            rows = _tag(self.graph.call_function(ops.toca_rows.default, (x_in, site["site"])), first_use, **site,
-                        role="rows")
-            picked = _tag(self.graph.call_function(ops.gather_rows.default, (x_in, rows)), first_use, **site,
-                          role="gather")
+            rows = _site_tag(self.graph.call_function(ops.toca_rows.default, (x_in, site["site"])), first_use, site,
+                             "rows")
+            picked = _site_tag(self.graph.call_function(ops.gather_rows.default, (x_in, rows)), first_use, site,
+                               "gather")
         for n in region:
             n.replace_input_with(x_in, picked)
         users = list(out.users)
         with self.graph.inserting_after(out):
             update = self.graph.call_function(ops.toca_update.default, (out, rows, site["site"], site["tokens"]))
-            _tag(update, out, **site, role="update")
+            _site_tag(update, out, site, "update")
         for u in users:
             u.replace_input_with(out, update)
         if kind == "cross":
-            site["sdpa"] = next(n.name for n in region if n.target in (torch.nn.functional.scaled_dot_product_attention,
-                                                                        torch._C._nn.scaled_dot_product_attention))
+            site["sdpa"] = next(n for n in region if is_call(n, SDPA_TARGETS))
 
     def _score(self, block: Block) -> None:
         """One score per block: s2 at its cross-attention, else s1 at its first full self-attention."""
         mine = [s for s in self.sites if s["block"] == block.index and "sdpa" in s]
         cross = [s for s in mine if s["kind"] == "cross"]
         own = [s for s in mine if s["kind"] == "self"
-               and next(a for a in block.attention if a.sdpa == s["sdpa"]).axis != "temporal"]
+               and next(a for a in block.attention if a.sdpa is s["sdpa"]).axis != "temporal"]
         wanted = self.cfg.score
         if wanted == "none":
             return
@@ -229,27 +247,27 @@ class _Rewriter:
             self.scores.append({"block": block.index, "score": None,
                                 "reason": "no cross-attention or full/spatial self-attention to score from"})
             return
-        sdpa = self.nodes[source["sdpa"]]
-        if sdpa.kwargs.get("enable_gqa"):
+        sdpa = source["sdpa"]
+        args = call_args(sdpa, "sdpa")
+        if args["enable_gqa"]:
             self.scores.append({"block": block.index, "score": None, "reason": "grouped-query attention"})
             return
-        q, k, _ = sdpa_qkv(sdpa)
-        mask, scale = sdpa_mask_and_scale(sdpa)
+        operands = (args["query"], args["key"], args["attn_mask"], args["scale"])
+        if kind == "entropy":
+            operands += (self.cfg.cfg_shared,)
         with self.graph.inserting_before(sdpa):
-            _tag(self.graph.call_function(op, (q, k, mask, scale)), sdpa, block=block.index, site=source["site"],
-                 kind=kind, role="score")
+            score = self.graph.call_function(op, operands)
+        tag(score, Tag(NAME, "score", ScoreRef(source["site"], block.index, kind)), like=sdpa)
         self.scores.append({"block": block.index, "score": kind, "from": source["name"]})
 
 
-def run(gm: fx.GraphModule, structure: DiTStructure, config: Config):
+def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg: ToCaConfig) -> Rewrite:
     """Cache every supported site of every block; the report lists sites, scores and skipped sites."""
-    from . import PassResult
-
-    rewriter = _Rewriter(gm, structure, config)
+    rewriter = _Rewriter(gm, structure, cfg)
     for block in structure.blocks:
         rewriter.block(block)
     gm.graph.lint()
     gm.recompile()
     report = {"sites": [{k: v for k, v in s.items() if k != "sdpa"} for s in rewriter.sites],
               "scores": rewriter.scores, "skipped": rewriter.skipped}
-    return PassResult(gm, structure, report)
+    return Rewrite(report, None if rewriter.sites else "no site could be cached")

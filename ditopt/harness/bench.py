@@ -26,8 +26,10 @@ from .metrics import psnr, ssim
 PRESET_CONFIGS = ("lossless", "quality", "balanced", "fast")
 # Single methods by name, on top of full compute.
 METHOD_CONFIGS = {
-    "asymrnr": {"preset": "lossless", "asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.5}},
-    "asymrnr-adaptive": {"preset": "lossless", "asymrnr": {"schedule": "adaptive", "q_ratio": 0.75, "kv_ratio": 0.5}},
+    # Reference-like AsymRnR schedules: no reduction in the first, high-noise fifth of a 30-step generation.
+    "asymrnr": {"preset": "lossless", "asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.3, "first_steps": 6}},
+    "asymrnr-adaptive": {"preset": "lossless", "asymrnr": {"schedule": "adaptive", "q_ratio": 0.75, "kv_ratio": 0.5,
+                                                           "first_steps": 6}},
     "toca": {"preset": "lossless", "toca": {"interval": 3, "ratio": 0.1}},
     **{f"toca-{ref}": {"preset": "lossless", "toca": {"reference": ref}} for ref in ("dit", "pixart", "opensora")},
 }
@@ -168,7 +170,7 @@ def _prepare(model: torch.nn.Module, name: str, lowering: str = "inductor", cfg_
         model.enable_cache(peer_config(name, CLOCK, cfg_batched, mag_ratios))
         return model, "eager + diffusers hooks", model.disable_cache
     fn = compile_config(model, name, lowering)
-    how = "eager" if name == "eager" else ("inductor" if name == "inductor" else f"ditopt ({lowering})")
+    how = "eager" if fn is model else ("inductor" if name == "inductor" else f"ditopt ({lowering})")
     return fn, how, lambda: None
 
 
@@ -179,6 +181,7 @@ def measure(
     repeats: int = 2,
     flops: bool = True,
     cfg_batched: bool = False,
+    lowering: str = "inductor",
 ) -> list[Result]:
     """Run `generate(fn)` (one whole sampling loop that calls fn) for each configuration and compare.
 
@@ -188,6 +191,7 @@ def measure(
     `CLOCK.t` to the current timestep before each step (FasterCache and PAB read it);
     `cfg_batched` says that it batches CFG's two halves into one call (see `peer_config`).  A peer that
     does not apply to the model (no diffusers cache support, or its hooks fail) is left out with a warning.
+    `lowering` is how the timed ditopt configurations are lowered ("eager" times the runtime's logic alone).
     """
     reference_out, reference_flops = None, None
     results, raw = [], []
@@ -195,7 +199,7 @@ def measure(
         try:
             ratios = magcache_ratios(model, generate) if name == "magcache" else None  # once: timing and FLOPs
             how, first, times, out, peak_mb, seen = _timed_generations(model, name, generate, repeats, cfg_batched,
-                                                                       ratios)
+                                                                       ratios, lowering)
         except Exception as err:
             if name not in PEERS:
                 raise
@@ -238,14 +242,14 @@ def measure(
 
 
 def _timed_generations(model, name: str, generate: Callable, repeats: int, cfg_batched: bool,
-                       mag_ratios: list[float] | None):
+                       mag_ratios: list[float] | None, lowering: str = "inductor"):
     """Warm up (compiling), then time `repeats` generations: (how, first seconds, timed seconds, last output,
     peak memory of the timed generations, ditopt generations recorded before the last one)."""
     import ditopt
 
     torch._dynamo.reset()
     ditopt.reset(model)
-    fn, how, cleanup = _prepare(model, name, cfg_batched=cfg_batched, mag_ratios=mag_ratios)
+    fn, how, cleanup = _prepare(model, name, lowering, cfg_batched=cfg_batched, mag_ratios=mag_ratios)
     try:
         start = time.perf_counter()
         out = generate(fn)
@@ -353,7 +357,7 @@ def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) 
         with torch.no_grad():
             for t in torch.linspace(999, 0, steps):
                 CLOCK.t = float(t)
-                inputs = {**model_inputs, latent_key: x, "timestep": t.expand(batch).clone()}
+                inputs = {**model_inputs, latent_key: x, "timestep": t.expand(batch).to(x.device)}
                 context = getattr(fn, "cache_context", None)  # as pipelines do, for diffusers' cache hooks
                 with context("denoise") if context is not None else contextlib.nullcontext():
                     out = call(fn, inputs)

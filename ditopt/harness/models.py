@@ -1,7 +1,7 @@
 """Small configurations of every supported model family, with matching example inputs.
 
 Used by the tests, `ditopt inspect` and the benchmarks.  Weights are random
-(seeded); for quality figures use the trained fixture (ditopt.fixture).
+(seeded); for quality figures use the trained fixture (ditopt.harness.fixture).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ def _inspect(args) -> int:
     import torch
 
     from . import models
-    from .analysis import UnsupportedGraph, analyze
+    from ..analysis import UnsupportedGraph, analyze
 
     case = models.build(args.family, args.size)
     graphs = []
@@ -77,7 +77,9 @@ def _bench(args) -> int:
 def _calibrate(args) -> int:
     import torch
 
-    from . import adacache, bench, models
+    from ditopt.passes import adacache
+
+    from . import bench, models
 
     if args.model == "fixture":
         from . import fixture
@@ -99,10 +101,20 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _gpu_check(args) -> int:
+    from . import gpu_check
+
+    return gpu_check.main(args.out, device=args.device, size=args.size, steps=args.steps, configs=args.configs,
+                          repeats=args.repeats)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ditopt import __version__
+
     from .models import FAMILIES, SIZES
 
     parser = argparse.ArgumentParser(prog="ditopt", description="ditopt: a torch.compile backend for video DiTs")
+    parser.add_argument("--version", action="version", version=f"ditopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print the structure ditopt finds in a model of the zoo")
     p.add_argument("family", choices=FAMILIES)
@@ -133,6 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_calibrate)
+    g = sub.add_parser("gpu-check", help="every GPU figure in one run: kernels, their timing, a realistic model "
+                                         "(docs/gpu.md); --device cpu --size tiny checks the logic on the CPU")
+    g.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
+    g.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    g.add_argument("--size", choices=("realistic", "tiny"), default="realistic")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps per generation (default 10; tiny: 8)")
+    g.add_argument("--configs", nargs="+", default=None, help="model configurations (default: inductor, lossless, "
+                                                              "balanced, fast, asymrnr, toca)")
+    g.add_argument("--repeats", type=int, default=10, help="timed repeats per kernel (median)")
+    g.set_defaults(func=_gpu_check)
     args = parser.parse_args(argv)
     return args.func(args)
 

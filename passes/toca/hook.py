@@ -1,6 +1,6 @@
 """ToCa at run time: per-step modes, specialised block graphs, caches, scores and statistics.
 
-The pass (passes/toca.py) leaves each site as `toca_rows` / `gather_rows` /
+The rewrite (rewrite.py) leaves each site as `toca_rows` / `gather_rows` /
 `toca_update` nodes around the unchanged module.  At each step every site is
 in one of three modes:
 
@@ -26,23 +26,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from . import ops  # noqa: F401  (registers torch.ops.ditopt)
-from . import token_scores as ts
+from ditopt.method import Hook, Tag, tag_of
+
+from . import scores as ts
 from .config import ToCaConfig
+from .rewrite import NAME, SiteRef
 
 OPS = torch.ops.ditopt
 FRESH, PARTIAL, REUSE = "fresh", "partial", "reuse"
 
 
-@dataclass(frozen=True)
-class Site:
-    """One cached site, as the pass tagged it."""
-
-    id: int
-    block: int
-    kind: str  # "self", "cross" or "mlp"
-    name: str
-    tokens: int  # rows of the site's output
+Site = SiteRef  # one cached site, as the rewrite tagged it
 
 
 @dataclass
@@ -52,8 +46,9 @@ class Specialised:
     outputs: list[tuple[str, int]]  # extra outputs after the region's own: ("cache", site) | ("score", site)
 
 
-def _tag(node: fx.Node) -> dict | None:
-    return node.meta.get("ditopt_toca")
+def _tag(node: fx.Node) -> Tag | None:
+    t = tag_of(node)
+    return t if t is not None and t.method == NAME else None
 
 
 def specialise(gm: fx.GraphModule, modes: dict[int, str]) -> Specialised:
@@ -83,7 +78,8 @@ def specialise(gm: fx.GraphModule, modes: dict[int, str]) -> Specialised:
         tag = _tag(node)
         if tag is None or node.op != "call_function":
             continue
-        site, role, mode = tag["site"], tag["role"], modes.get(tag["site"], FRESH)
+        site, role = tag.payload.id, tag.role
+        mode = modes.get(site, FRESH)
         if role == "gather" and mode == FRESH:
             node.replace_all_uses_with(node.args[0])
         elif role == "update":
@@ -102,7 +98,7 @@ def specialise(gm: fx.GraphModule, modes: dict[int, str]) -> Specialised:
                 extra_out.append(("cache", site, merged))
         elif role == "rows" and mode == PARTIAL:
             node.replace_all_uses_with(new_input("rows", site, node))
-        elif role == "score" and mode in ((FRESH, PARTIAL) if tag["kind"] == "entropy" else (FRESH,)):
+        elif role == "score" and mode in ((FRESH, PARTIAL) if tag.payload.kind == "entropy" else (FRESH,)):
             extra_out.append(("score", site, node))
     output = g.output_node()
     output.args = (tuple(output.args[0]) + tuple(n for *_, n in extra_out),)
@@ -117,14 +113,14 @@ def region_sites(gm: fx.GraphModule) -> list[Site]:
     found = {}
     for n in gm.graph.nodes:
         tag = _tag(n)
-        if tag is not None and tag["role"] == "update":
-            found[tag["site"]] = Site(tag["site"], tag["block"], tag["kind"], tag["name"], tag["tokens"])
+        if tag is not None and tag.role == "update":
+            found[tag.payload.id] = tag.payload
     return list(found.values())
 
 
 def score_kinds(gm: fx.GraphModule) -> dict[int, str]:
     """site -> "entropy" / "column" for the score nodes of a region."""
-    return {t["site"]: t["kind"] for n in gm.graph.nodes if (t := _tag(n)) is not None and t["role"] == "score"}
+    return {t.payload.id: t.payload.kind for n in gm.graph.nodes if (t := _tag(n)) is not None and t.role == "score"}
 
 
 def step_factor(weight: float, x: float) -> float:
@@ -154,10 +150,13 @@ class StreamToCa:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> raw s1 or s2, [B, N]
     score_kind: dict[int, str] = field(default_factory=dict)
     first_t: float | None = None
+    stats: dict = field(default_factory=lambda: _empty_stats())
 
 
-class TocaPlanner:
+class TocaPlanner(Hook):
     """Decides every site's mode and rows per step, runs the specialised block regions, keeps the caches."""
+
+    name = NAME
 
     def __init__(self, cfg: ToCaConfig, regions, num_blocks: int, layout, video_spans: dict[int, tuple[int, int]]):
         self.cfg = cfg
@@ -180,40 +179,49 @@ class TocaPlanner:
     def interval(self, kind: str) -> int:
         return self.cfg.intervals.get(kind, self.cfg.interval)
 
-    def fraction(self, site: Site, noise_level: float) -> float:
+    def fraction(self, site: Site, progress: float) -> float:
         cfg = self.cfg
         layer = site.block / max(1, self.num_blocks - 1)
         if site.kind == "self":  # reused whole at partial steps, never recomputed in part
             return 0.0
-        return (cfg.ratio * step_factor(cfg.step_weight, noise_level) * step_factor(cfg.layer_weight, layer)
+        return (cfg.ratio * step_factor(cfg.step_weight, progress) * step_factor(cfg.layer_weight, layer)
                 * cfg.module_factors.get(site.kind, 1.0))
 
-    def plan_site(self, site: Site, step: int, noise_level: float, state: SiteState) -> tuple[str, int]:
+    def plan_site(self, site: Site, step: int, progress: float, state: SiteState) -> tuple[str, int]:
         """(mode, rows) of a site at a step."""
         if step < self.cfg.first_fresh or step % self.interval(site.kind) == 0 or state.cache is None:
             return FRESH, site.tokens
-        k = quantised_rows(self.fraction(site, noise_level), site.tokens, self.cfg.levels, self.cfg.row_multiple)
+        k = quantised_rows(self.fraction(site, progress), site.tokens, self.cfg.levels, self.cfg.row_multiple)
         if k == 0:
             return REUSE, 0
         return (FRESH, site.tokens) if k >= site.tokens else (PARTIAL, k)
 
     # -- running a region -----------------------------------------------------
 
-    def run(self, region, inputs: list, stream, compiled) -> list:
-        """Run block region `region` for this step; `compiled(key, gm, inputs)` gives its compiled code."""
-        st: StreamToCa = stream.state.setdefault("toca", StreamToCa())
-        stats = stream.stats.method.setdefault("toca", _empty_stats())
-        t = stream.last_t
-        if stream.step == 0 or st.first_t is None:
+    def new_state(self) -> StreamToCa:
+        return StreamToCa()
+
+    def stats(self, state: StreamToCa) -> dict:
+        return {**state.stats, "rows_by_step": list(state.stats["rows_by_step"])}
+
+    def run_region(self, call, region, inputs: list) -> list | None:
+        """Run block region `region` for this step, specialised for its sites' modes."""
+        if region.index not in self.sites:
+            return None
+        st: StreamToCa = call.state(self)
+        stats = st.stats
+        t = call.t
+        if call.step == 0 or st.first_t is None:
             st.first_t = t
-        noise_level = (t / st.first_t) if (t is not None and st.first_t) else 0.5  # no timestep: factor 1
+        # progress through sampling, 0 at the first step and 1 at t = 0 (no timestep: 0.5, factor 1)
+        progress = 1.0 - t / st.first_t if (t is not None and st.first_t) else 0.5
         modes, ks, extra = {}, [], {}
         for site in self.sites[region.index]:
             state = st.sites.setdefault(site.id, SiteState())
-            mode, k = self.plan_site(site, stream.step, min(max(noise_level, 0.0), 1.0), state)
+            mode, k = self.plan_site(site, call.step, min(max(progress, 0.0), 1.0), state)
             modes[site.id] = mode
             ks.append(k)
-            _count(stats, site, mode, k)
+            _count(stats, site, mode, k, call.step)
             if mode == PARTIAL:
                 extra[("rows", site.id)] = self.select(site, k, st, state)
             if mode in (PARTIAL, REUSE):
@@ -223,7 +231,7 @@ class TocaPlanner:
         if spec is None:
             spec = self._specialised[spec_key] = specialise(region.gm, modes)
         full_inputs = list(inputs) + [extra[e] for e in spec.inputs]
-        outputs = compiled((spec_key, tuple(ks)), spec.gm, full_inputs)(*full_inputs)
+        outputs = call.compiled(region, full_inputs, variant=(spec_key, tuple(ks)), gm=spec.gm)(*full_inputs)
         n = len(region.outputs)
         for (role, sid), value in zip(spec.outputs, outputs[n:]):
             if role == "cache":
@@ -294,19 +302,24 @@ class TocaPlanner:
 
 
 def _empty_stats() -> dict:
-    return {"fresh": 0, "partial": 0, "reused": 0, "rows_computed": 0, "rows_total": 0, "computed_fraction": 1.0}
+    return {"fresh": 0, "partial": 0, "reused": 0, "rows_computed": 0, "rows_total": 0, "computed_fraction": 1.0,
+            "rows_by_step": []}
 
 
-def _count(stats: dict, site: Site, mode: str, k: int) -> None:
+def _count(stats: dict, site: Site, mode: str, k: int, step: int) -> None:
     stats[{FRESH: "fresh", PARTIAL: "partial", REUSE: "reused"}[mode]] += 1
     stats["rows_computed"] += k
+    by_step = stats["rows_by_step"]
+    by_step.extend([0] * (step + 1 - len(by_step)))
+    by_step[step] += k
     stats["rows_total"] += site.tokens
     stats["computed_fraction"] = round(stats["rows_computed"] / max(1, stats["rows_total"]), 4)
 
 
-def build_planner(cfg: ToCaConfig, regions, structure) -> TocaPlanner | None:
-    """The planner for a lowered graph's ToCa sites (None when the pass rewrote none)."""
+def make_hook(cfg: ToCaConfig, lowered) -> TocaPlanner | str:
+    """The planner for a lowered graph's ToCa sites, or why there is none."""
+    structure = lowered.structure
     spans = {b.index: a.video_span for b in structure.blocks for a in b.attention
              if a.kind == "joint" and a.video_span is not None}
-    planner = TocaPlanner(cfg, regions, len(structure.blocks), structure.layout, spans)
-    return planner if planner.sites else None
+    planner = TocaPlanner(cfg, lowered.regions, len(structure.blocks), structure.layout, spans)
+    return planner if planner.sites else "no cached site is left in the lowered graph"

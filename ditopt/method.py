@@ -1,0 +1,174 @@
+"""The one interface every acceleration method implements, and what the core hands it.
+
+A method is one package under `ditopt.passes` that exports one `Method`:
+
+    METHOD = Method(name="toca", config_type=ToCaConfig, rewrite=rewrite, hook=make_hook)
+
+- `rewrite(gm, structure, cfg) -> Rewrite` changes the graph (never the structure) and
+  reports what it matched, what it declined and why.  Every node it inserts carries one
+  `Tag` under `node.meta[TAG]`.
+- `hook(cfg, lowered) -> Hook | str` builds the method's runtime part from the lowered
+  graph, or says in a sentence why there is nothing for it to do.
+
+The core (analysis, lowering, runtime, backend) knows methods only through this module, in
+the manner of Inductor's `CustomGraphPass`: a name, a callable and an identity (`uuid`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch.fx as fx
+
+if TYPE_CHECKING:
+    from .analysis import DiTStructure
+    from .lowering import Lowered, Region
+    from .runtime import Call
+
+TAG = "ditopt"  # the one meta key a method's inserted nodes carry
+
+
+@dataclass(frozen=True)
+class Tag:
+    """What a method says about a node it inserted.
+
+    role: the node's part in the method ("guard", "probe", "match", "rows", ...); payload: a small
+    method-owned value (a dataclass) its hook reads back.  The three flags are the only things the
+    lowering reads: `own_region` (a key: the nodes sharing it form a region of their own, which the
+    method's hook runs), `split_after` (end the region after this node: a decision waits for it),
+    `output` (a region output even when nothing after reads it: the hook does), and `marker`
+    (replaced by its first input before lowering: it only marks where the hook acts).
+    """
+
+    method: str
+    role: str
+    payload: Any = None
+    own_region: str | None = None
+    split_after: bool = False
+    output: bool = False
+    marker: bool = False
+
+
+def tag_of(node: fx.Node) -> Tag | None:
+    return node.meta.get(TAG)
+
+
+def tag(node: fx.Node, value: Tag, like: fx.Node | None = None) -> fx.Node:
+    """Put `value` on `node`, with the module stack of `like` (so the lowering knows its block)."""
+    if like is not None:
+        node.meta.update({k: like.meta[k] for k in ("nn_module_stack", "stack_trace") if k in like.meta})
+    node.meta[TAG] = value
+    return node
+
+
+@dataclass
+class Rewrite:
+    """What a method's rewrite did: `report` (JSON-able; export writes it, tests count it) and, when it
+    changed nothing, `nothing` saying why in a sentence (the backend warns with it)."""
+
+    report: dict = field(default_factory=dict)
+    nothing: str | None = None
+
+
+class Hook:
+    """A method's runtime part for one compiled graph.  The runtime calls, per model call:
+
+        begin_call, then for each region i: before_region(i) -> run_region -> after_region(i),
+        then end_call
+
+    `before_region` / `after_region` may return a region index to continue from (the hook has then
+    written the outputs of every region it jumps over into `call.values`); `run_region` may claim a
+    region by returning its outputs.  Every method is optional.  Per-stream state is whatever
+    `new_state()` returns, reached as `call.state(self)`; `stats(state)` is the method's section of
+    `ditopt.stats`.
+    """
+
+    name: str = "hook"
+
+    def new_state(self) -> Any:
+        return None
+
+    def begin_call(self, call: "Call") -> None:
+        pass
+
+    def before_region(self, call: "Call", index: int) -> int | None:
+        return None
+
+    def run_region(self, call: "Call", region: "Region", inputs: list) -> list | None:
+        return None
+
+    def after_region(self, call: "Call", index: int) -> int | None:
+        return None
+
+    def end_call(self, call: "Call") -> None:
+        pass
+
+    def stats(self, state: Any) -> dict:
+        return {}
+
+
+def _keep(settings: dict, base: Any) -> dict:
+    return settings
+
+
+@dataclass(frozen=True)
+class Method:
+    """One acceleration method: its name (the option key), config dataclass, graph rewrite and hook."""
+
+    name: str
+    config_type: type
+    rewrite: Callable[[fx.GraphModule, "DiTStructure", Any], Rewrite]
+    hook: Callable[[Any, "Lowered"], "Hook | str"]
+    # Turns the user's settings into dataclass fields (JSON keys, a named reference): settings, base -> fields.
+    normalize: Callable[[dict, Any], dict] = _keep
+    conflicts: tuple[str, ...] = ()  # methods that cannot be enabled together with this one
+    version: int = 1
+
+    def uuid(self, cfg: Any) -> tuple:
+        """Identity of this method with this config, for caches keyed on what the graph was compiled with."""
+        return (self.name, self.version, repr(dataclasses.asdict(cfg)))
+
+
+def configure(method: Method, value: Any, base: Any) -> Any:
+    """A method's config from an option value: a dict of settings, True (its defaults) or False/None (off).
+
+    Unknown keys and values of the wrong type raise ValueError naming what is valid; the config's own
+    `validate()` then checks ranges and choices."""
+    section = method.config_type
+    if value is False or value is None:
+        return section(enabled=False)
+    if value is True:
+        return dataclasses.replace(base, enabled=True)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"ditopt: option {method.name!r} must be a dict of settings, True or False; got {value!r}")
+    names = [f.name for f in dataclasses.fields(section)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"ditopt: unknown key(s) {unknown} in {method.name!r}; valid keys: {names}")
+    settings = method.normalize({"enabled": True, **value}, base)
+    for f in dataclasses.fields(section):
+        if f.name in settings:
+            settings[f.name] = _typed(f"{method.name}.{f.name}", settings[f.name], getattr(base, f.name))
+    return dataclasses.replace(base, **settings)
+
+
+def _typed(name: str, value: Any, default: Any) -> Any:
+    """Check a setting against the type of its default; lists become tuples where the default is one."""
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"ditopt: {name} must be a {type(default).__name__} (like the default {default!r}); "
+                         f"got {value!r} ({type(value).__name__})")
+    return value

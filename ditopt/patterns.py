@@ -1,0 +1,127 @@
+"""The graph vocabulary every analysis and pass shares: target sets, call arguments, walkers.
+
+One place says which FX targets count as a linear, an attention call, a residual add or
+a pass-through op, and one place reads a call's arguments whether they were passed by
+position or by keyword (`call_args`), so no consumer juggles either.  The walkers are
+bounded by the node set they may visit, never by a depth.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
+CONV_TARGETS = {torch.conv2d, torch.conv3d, F.conv2d, F.conv3d}
+ACTIVATIONS = {F.gelu, torch._C._nn.gelu, F.silu, torch.nn.functional.relu, torch.relu, F.mish, torch.tanh, torch.sigmoid}
+ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+MUL_TARGETS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+DIV_TARGETS = {operator.truediv, torch.div, "div"}
+MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
+SPLITS = {"split", "chunk", torch.split, torch.chunk}
+CATS = {torch.cat, torch.concat}
+TRANSPOSES = {"transpose", "permute", torch.transpose, torch.permute}
+SIN_COS = {torch.sin, torch.cos, "sin", "cos"}
+# Ops that carry a tensor through unchanged in meaning (layout, dtype, no-op dropout).
+PASSTHROUGH = {
+    F.dropout, torch.nn.functional.dropout, operator.getitem, torch.flatten, torch.reshape, torch.permute,
+    torch.transpose, torch.squeeze, torch.unsqueeze,
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "to", "float", "type_as",
+    "half", "bfloat16", "squeeze", "unsqueeze", "clone", "__getitem__",
+}
+# What may lie between a span's input and its output when the output is a residual update of it.
+RESIDUAL_PATH = ADD_TARGETS | PASSTHROUGH | SPLITS | {torch.cat, operator.getitem}
+
+# Parameter names of the calls whose arguments consumers read, in positional order.
+SIGNATURES = {
+    "sdpa": ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+    "cat": ("tensors", "dim"),
+    "dropout": ("input", "p", "training", "inplace"),
+}
+DEFAULTS = {
+    "sdpa": {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
+    "cat": {"dim": 0},
+    "dropout": {"p": 0.5, "training": True, "inplace": False},
+}
+
+
+def is_call(node, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in targets
+
+
+def call_args(node: fx.Node, signature: str) -> dict:
+    """The arguments of a call by parameter name, positional or keyword, defaults filled in."""
+    names = SIGNATURES[signature]
+    out = dict(DEFAULTS[signature])
+    out.update(zip(names, node.args))
+    out.update({k: v for k, v in node.kwargs.items() if k in names})
+    return out
+
+
+def set_call_arg(node: fx.Node, signature: str, name: str, value) -> None:
+    """Replace one argument where the call passed it (by position or keyword), or add it by keyword."""
+    i = SIGNATURES[signature].index(name)
+    if i < len(node.args):
+        node.update_arg(i, value)
+    else:
+        node.update_kwarg(name, value)
+
+
+def sdpa_qkv(node: fx.Node) -> list:
+    """query, key, value of an attention call."""
+    a = call_args(node, "sdpa")
+    return [a["query"], a["key"], a["value"]]
+
+
+def sdpa_mask_and_scale(node: fx.Node) -> tuple:
+    a = call_args(node, "sdpa")
+    return a["attn_mask"], a["scale"]
+
+
+def first_input(node: fx.Node):
+    return node.args[0] if node.args else None
+
+
+def walk(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]], within: set | None = None):
+    """Every node reached from `start` by `step` (users or inputs), breadth first, inside `within`."""
+    seen, frontier = {start}, [start]
+    while frontier:
+        nxt = []
+        for n in frontier:
+            for m in step(n):
+                if m not in seen and (within is None or m in within):
+                    seen.add(m)
+                    nxt.append(m)
+                    yield m
+        frontier = nxt
+
+
+def users(node: fx.Node) -> Iterable[fx.Node]:
+    return node.users
+
+
+def inputs(node: fx.Node) -> Iterable[fx.Node]:
+    return node.all_input_nodes
+
+
+def first_reached(start: fx.Node, step, targets, within: set | None = None) -> fx.Node | None:
+    """The nearest node calling one of `targets` reached from `start` by `step`."""
+    return next((n for n in walk(start, step, within) if is_call(n, targets)), None)
+
+
+def chain_back(start, targets, through, within: set | None = None) -> fx.Node | None:
+    """Follow first inputs back from `start` through ops in `through` to a call of `targets`."""
+    node, seen = start, set()
+    while isinstance(node, fx.Node) and node not in seen and (within is None or node in within):
+        if is_call(node, targets):
+            return node
+        if through is not None and not is_call(node, through):
+            return None
+        seen.add(node)
+        node = first_input(node)
+    return None

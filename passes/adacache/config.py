@@ -1,0 +1,50 @@
+"""AdaCache's options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ditopt.checks import number_keys
+
+
+@dataclass
+class AdaCacheConfig:
+    """Adaptive block skipping (AdaCache, with optional motion regularisation).
+
+    codebook maps metric thresholds to the number of steps until the next
+    computed step: in ascending order, the first threshold above the metric
+    wins; above all of them, the last rate applies.
+    """
+
+    enabled: bool = False
+    codebook: dict = field(default_factory=lambda: {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.0: 1})
+    probe_blocks: tuple = ()  # blocks whose attention residual is probed, averaged ("synced"); (): the middle one
+    moreg: bool = False
+    moreg_window: tuple = (0.13, 0.87)  # fraction of the steps
+    first_steps: int = 2
+    last_steps: int = 2
+    num_steps: int | None = None  # steps per generation, if known; otherwise read from the timesteps
+
+    def validate(self) -> None:
+        if not self.codebook:
+            raise ValueError("ditopt: adacache.codebook must map at least one threshold to a rate")
+        for threshold, rate in self.codebook.items():
+            if not isinstance(threshold, (int, float)) or threshold < 0:
+                raise ValueError(f"ditopt: adacache.codebook thresholds must be numbers >= 0, got {threshold!r}")
+            if not isinstance(rate, int) or rate < 1:
+                raise ValueError(f"ditopt: adacache.codebook rates must be integers >= 1, got {rate!r} for {threshold}")
+        if len(self.moreg_window) != 2 or not 0.0 <= self.moreg_window[0] <= self.moreg_window[1] <= 1.0:
+            raise ValueError(f"ditopt: adacache.moreg_window must be two fractions 0 <= lo <= hi <= 1, "
+                             f"got {self.moreg_window}")
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in self.probe_blocks):
+            raise ValueError(f"ditopt: adacache.probe_blocks must be block indices >= 0, got {self.probe_blocks!r}")
+        if self.first_steps < 1 or self.last_steps < 0:
+            raise ValueError("ditopt: adacache.first_steps must be >= 1 and last_steps >= 0")
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError("ditopt: adacache.num_steps must be a positive number of steps or None")
+
+
+def normalize(settings: dict, base: AdaCacheConfig) -> dict:
+    if isinstance(settings.get("codebook"), dict):
+        settings["codebook"] = number_keys("adacache.codebook", settings["codebook"])
+    return settings

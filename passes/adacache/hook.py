@@ -1,0 +1,169 @@
+"""AdaCache's decision policy (with MoReg) on the shared skip guards.
+
+After each computed step the probe (the gated attention residual of the
+probe block) is compared with its value at the previous computed step:
+
+    c = |p_now - p_cached|_1 / |p_cached|_1 / prev_rate
+
+and the codebook maps c to the number of steps until the next computed
+step: ascending thresholds, the first one c is below gives the rate; above
+all of them the last rate applies.  The first `first_steps` and the last
+`last_steps` steps always compute.  With MoReg, c is multiplied by
+(m + |mg|), m the remapped motion score of the probe residual and mg its
+change per step.  One host read per computed step (c and m together).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..skipping import SkipHook, guarded_spans, in_last_steps, plan_spans, probe_slots, relative_l1
+from .config import AdaCacheConfig
+
+NAME = "adacache"
+MOREG_SCALE = 0.385
+MOREG_POWER = 8
+MOREG_GRADIENT = 10.0
+
+# The reference's published Open-Sora 1.2 codebooks (methods.md section 3).
+CODEBOOKS = {
+    "opensora-100-fast": {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, math.inf: 3},
+    "opensora-30-fast": {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, math.inf: 1},
+    "opensora-30-slow": {0.08: 3, 0.16: 2, math.inf: 1},
+}
+
+
+def next_rate(metric: float, codebook: dict) -> int:
+    """Steps until the next computed step for a metric value."""
+    thresholds = sorted(codebook)
+    i = bisect.bisect_right(thresholds, metric)  # first threshold strictly above the metric
+    return codebook[thresholds[min(i, len(thresholds) - 1)]]
+
+
+def motion_score(residual: torch.Tensor, frames: int) -> torch.Tensor:
+    """The reference's single ratio over the frame-shifted residual, frames as contiguous token groups:
+    |r[1:] - r[:-1]|_1 / (|r[1:]|_1 + |r[:-1]|_1), every frame pair and batch element summed together."""
+    r = residual.float().reshape(residual.shape[0], frames, -1)
+    diff = (r[:, 1:] - r[:, :-1]).abs().sum()
+    return diff / (r[:, 1:].abs().sum() + r[:, :-1].abs().sum()).clamp_min(1e-12)
+
+
+def moreg_factor(motion: float, prev_motion: float | None, prev_rate: int, in_window: bool) -> tuple[float, float]:
+    """(factor the metric is multiplied by, the remapped motion to remember)."""
+    m = (motion / MOREG_SCALE) ** MOREG_POWER if in_window else 1.0
+    mg = 0.0 if prev_motion is None else MOREG_GRADIENT * (m - prev_motion) / prev_rate
+    return m + abs(mg), m
+
+
+def decisions_from_metrics(metric_at: Callable[[int, int], float], num_steps: int, codebook: dict,
+                           first_steps: int = 2, last_steps: int = 2) -> list[bool]:
+    """The compute (True) / skip (False) sequence the policy makes, given the metric a computed step
+    `s` measures after a gap of `rate` steps (metric_at(s, rate)).  Pure: used by calibration and tests."""
+    computed, next_compute, prev_rate, have_cache = [], 0, 1, False
+    for s in range(num_steps):
+        compute = s < first_steps or s >= num_steps - last_steps or s >= next_compute
+        computed.append(compute)
+        if not compute:
+            continue
+        rate = next_rate(metric_at(s, prev_rate) / prev_rate, codebook) if have_cache else 1
+        have_cache, prev_rate, next_compute = True, rate, s + rate
+    return computed
+
+
+@dataclass
+class _StreamAdaState:
+    skip: bool = False
+    next_compute: int = 0
+    prev_rate: int = 1
+    cached_probe: list[torch.Tensor] | None = None
+    prev_motion: float | None = None
+    metrics: list = field(default_factory=list)
+    decisions: list = field(default_factory=list)
+
+
+class AdaCachePolicy:
+    """One shared schedule for all spans of a stream, decided from the probe's change."""
+
+    def __init__(self, cfg: AdaCacheConfig, frames: int | None, names: list[str]):
+        self.cfg = cfg
+        self.frames = frames
+        self.names = names  # the probes averaged into the metric
+
+    def new_state(self) -> _StreamAdaState:
+        return _StreamAdaState()
+
+    def _progress(self, call) -> float:
+        if self.cfg.num_steps:
+            return call.step / self.cfg.num_steps
+        ts = call.stream.timesteps
+        return 1.0 - ts[-1] / ts[0] if ts and ts[0] > 0 else 0.0
+
+    def begin_call(self, call, st: _StreamAdaState) -> None:
+        cfg = self.cfg
+        must = call.step < cfg.first_steps or in_last_steps(cfg.last_steps, cfg.num_steps, call.step,
+                                                             call.stream.timesteps)
+        st.skip = not must and call.step < st.next_compute
+        st.decisions.append("S" if st.skip else "C")
+
+    def should_skip(self, call, st: _StreamAdaState, span, probes: dict) -> bool:
+        return st.skip
+
+    def end_call(self, call, st: _StreamAdaState, probes: dict) -> None:
+        if st.skip:
+            return
+        now = [_probe_value(probes, name) for name in self.names]
+        if any(p is None for p in now):
+            st.next_compute = call.step + 1
+            return
+        rate, metric = 1, None
+        if st.cached_probe is not None:
+            values = [sum(relative_l1(p, c) for p, c in zip(now, st.cached_probe)) / len(now) / st.prev_rate]
+            if self.cfg.moreg:
+                values.append(sum(motion_score(p, self.frames) for p in now) / len(now))
+            read = torch.stack(values).tolist()  # the one host read of this step
+            metric = read[0]
+            if self.cfg.moreg:
+                lo, hi = self.cfg.moreg_window
+                factor, st.prev_motion = moreg_factor(read[1], st.prev_motion, st.prev_rate,
+                                                      lo <= self._progress(call) <= hi)
+                metric *= factor
+            rate = next_rate(metric, self.cfg.codebook)
+        st.metrics.append(metric)
+        st.cached_probe = [p.detach() for p in now]
+        st.prev_rate, st.next_compute = rate, call.step + rate
+
+    def stats(self, st: _StreamAdaState) -> dict:
+        kept = sum(p.numel() * p.element_size() for p in st.cached_probe or ())
+        return {"decisions": "".join(st.decisions),
+                "metrics": [None if m is None else round(m, 5) for m in st.metrics],
+                "probe_mb": round(kept / 2**20, 3)}
+
+
+def _probe_value(probes: dict, name: str) -> torch.Tensor | None:
+    """A probe's value this step: the branch itself, or a block's output residual out - in."""
+    if name in probes:
+        return probes[name]
+    out, inp = probes.get(f"{name}:out"), probes.get(f"{name}:in")
+    return None if out is None or inp is None else out - inp
+
+
+def make_hook(cfg: AdaCacheConfig, lowered) -> SkipHook | str:
+    """The runtime part for a lowered graph, or why there is none."""
+    spans = plan_spans(lowered, guarded_spans(lowered, NAME))
+    probes = probe_slots(lowered, NAME)
+    if not spans:
+        return "no guarded span of blocks is left in the lowered graph"
+    if not probes:
+        return "no probe to measure the change of the blocks' output"
+    grid = lowered.structure.layout.grid
+    frames = grid[0] if grid else None
+    if cfg.moreg and (frames is None or frames < 2):
+        raise ValueError("ditopt: adacache.moreg needs video with more than one latent frame and a known "
+                         f"F x H x W grid; this model's grid is {grid}. Set adacache.moreg=False.")
+    names = sorted({name.split(":")[0] for at in probes.values() for name, _ in at})
+    return SkipHook(NAME, AdaCachePolicy(cfg, frames, names), spans, probes)

@@ -1,0 +1,264 @@
+"""Block skipping, shared by the AdaCache and TeaCache methods: spans, guards, residual caches.
+
+A span is a maximal run of blocks with nothing between them in the graph.  It is
+skippable when every value it hands on is a residual update of one of its inputs
+(out = in + sum of branches, reached from `out` through adds and pass-through ops
+only): then a skipped step computes `out = in + cached`, with one summed residual
+per stream for the whole span, exactly what running each block on its own cached
+residual would give.
+
+`insert_guards` puts `torch.ops.ditopt.skip_guard(x, span)` on each stream input at
+the span's entry (a marker: the lowering replaces it by its input).  `SkipHook` is the
+runtime part: it records each span's inputs, asks the method's `Policy` whether to
+skip, writes `input + cached residual` for a skipped span and refreshes the residual
+of a computed one.  A policy is only a decision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from ditopt.analysis import DiTStructure, example
+from ditopt.method import Hook, Tag, tag
+from ditopt.patterns import RESIDUAL_PATH, is_call
+
+LIB = "ditopt"
+
+
+@torch.library.custom_op(f"{LIB}::skip_guard", mutates_args=())
+def skip_guard(x: Tensor, region: int) -> Tensor:
+    """Marks the entry of a skippable span.  The lowering replaces it with a runtime decision;
+    run unlowered (an exported graph executed as is) it is the identity."""
+    return x.clone()
+
+
+@skip_guard.register_fake
+def _(x, region):
+    return torch.empty_like(x)
+
+
+@dataclass(eq=False)
+class Span:
+    """Adjacent blocks skipped together; `streams` = [(input node, output node)] in the parent graph."""
+
+    id: int
+    blocks: list[int]
+    streams: list[tuple[fx.Node, fx.Node]]
+    decide_after: fx.Node | None = None  # a probe inside the span that the decision waits for
+
+
+def _runs_of_adjacent_blocks(gm: fx.GraphModule, structure: DiTStructure) -> list[list[int]]:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    runs: list[list[int]] = []
+    for b in structure.blocks:
+        if runs and order[b.first_node] == order[structure.blocks[runs[-1][-1]].last_node] + 1:
+            runs[-1].append(b.index)
+        else:
+            runs.append([b.index])
+    return runs
+
+
+def _span_nodes(gm: fx.GraphModule, structure: DiTStructure, blocks: list[int]) -> list[fx.Node]:
+    nodes = list(gm.graph.nodes)
+    first = nodes.index(structure.blocks[blocks[0]].first_node)
+    return nodes[first:nodes.index(structure.blocks[blocks[-1]].last_node) + 1]
+
+
+def residual_source(out: fx.Node, inside: set, inputs: set) -> fx.Node | None:
+    """The span input that `out` is a residual update of, or None if not exactly one."""
+    want = example(out)
+    found, frontier, seen = set(), [out], set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in inputs:
+            val = example(node)
+            if val is not None and want is not None and val.shape == want.shape and val.dtype == want.dtype:
+                found.add(node)
+            continue
+        if node in inside and is_call(node, RESIDUAL_PATH):
+            frontier.extend(node.all_input_nodes)
+    return found.pop() if len(found) == 1 else None
+
+
+def insert_guards(gm: fx.GraphModule, structure: DiTStructure, method: str) -> tuple[list[Span], list[dict]]:
+    """Guard every skippable span; returns (spans, rejected runs of blocks with why)."""
+    spans, rejected = [], []
+    for blocks in _runs_of_adjacent_blocks(gm, structure):
+        nodes = _span_nodes(gm, structure, blocks)
+        inside = set(nodes)
+        inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside}
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        streams = [(src, out) for out in outputs if (src := residual_source(out, inside, inputs)) is not None]
+        if len(streams) != len(outputs) or not streams:
+            bad = [o.name for o in outputs if o not in {out for _, out in streams}]
+            rejected.append({"blocks": blocks, "reason": f"outputs {bad} are not residual updates of the span's inputs"})
+            continue
+        span = Span(len(spans), blocks, streams)
+        for src, _ in streams:
+            with gm.graph.inserting_before(nodes[0]):
+                guard = gm.graph.call_function(torch.ops.ditopt.skip_guard.default, (src, span.id))
+            tag(guard, Tag(method, "guard", span, marker=True), like=nodes[0])
+            guard.meta["example_value"] = example(src)
+            for user in [u for u in list(src.users) if u in inside]:
+                user.replace_input_with(src, guard)
+        spans.append(span)
+    gm.recompile()
+    return spans, rejected
+
+
+def mark_probe(node: fx.Node, method: str, name: str, decide_here: bool = False) -> None:
+    """The value a policy reads; with decide_here, the region ends after it (the decision waits for it)."""
+    tag(node, Tag(method, "probe", name, split_after=decide_here, output=True))
+
+
+def spans_report(spans: list[Span], rejected: list[dict]) -> dict:
+    return {"spans": [{"id": s.id, "blocks": s.blocks, "streams": len(s.streams)} for s in spans],
+            "guards": sum(len(s.streams) for s in spans), "rejected": rejected}
+
+
+def in_last_steps(last_steps: int, num_steps: int | None, step: int, timesteps: list[float]) -> bool:
+    """Whether this call is one of the last `last_steps` of its generation: from `num_steps` when given,
+    else from the timesteps (with the last decrement d, ceil(t / d) steps remain)."""
+    if num_steps is not None:
+        return step >= num_steps - last_steps
+    if len(timesteps) < 2 or timesteps[-2] <= timesteps[-1]:
+        return False
+    remaining = math.ceil(timesteps[-1] / (timesteps[-2] - timesteps[-1]) - 1e-3)  # steps left, this one included
+    return remaining <= last_steps
+
+
+def relative_l1(current: Tensor, cached: Tensor) -> Tensor:
+    cur, old = current.float(), cached.float()
+    return (cur - old).abs().sum() / old.abs().sum().clamp_min(1e-12)
+
+
+# ---------------------------------------------------------------------------
+# the runtime part
+
+
+class Policy(Protocol):
+    """Decides, for one stream, which spans to skip at this call."""
+
+    def new_state(self) -> Any: ...
+
+    def begin_call(self, call, state) -> None: ...
+
+    def should_skip(self, call, state, span: "SpanPlan", probes: dict[str, Tensor]) -> bool: ...
+
+    def end_call(self, call, state, probes: dict[str, Tensor]) -> None: ...
+
+    def stats(self, state) -> dict: ...
+
+
+@dataclass
+class SpanPlan:
+    """A guarded span in slot terms."""
+
+    id: int
+    first: int  # region index
+    last: int
+    streams: list[tuple[int, int]]  # (input slot, output slot)
+    free_after: list[int]  # slots read last inside the span, to free when it is skipped
+    decide_at: int  # the region before which the decision is taken (the first, or the one after a probe)
+
+
+@dataclass
+class SkipState:
+    policy: Any
+    residuals: dict[int, list[Tensor]] = field(default_factory=dict)  # span -> cached residual per stream
+    inputs: dict[int, list[Tensor]] = field(default_factory=dict)  # span -> this call's inputs
+    probes: dict[str, Tensor] = field(default_factory=dict)
+
+
+def plan_spans(lowered, spans: list[Span]) -> list[SpanPlan]:
+    """The spans whose guards survived into the lowered graph, in slot terms."""
+    plans = []
+    for span in spans:
+        members = [r for r in lowered.regions if r.block is not None and r.block in span.blocks]
+        if not members:
+            continue
+        streams = [(lowered.slot[i], lowered.slot[o]) for i, o in span.streams]
+        free = sorted({s for r in members for s in r.free_after} - {dst for _, dst in streams})
+        decide_at = members[0].index
+        if span.decide_after is not None:
+            decide_at = next((r.index + 1 for r in members if span.decide_after in r.outputs), decide_at)
+        plans.append(SpanPlan(span.id, members[0].index, members[-1].index, streams, free, decide_at))
+    return plans
+
+
+def probe_slots(lowered, method: str) -> dict[int, list[tuple[str, int]]]:
+    """region index -> [(probe name, slot)] for the probes `method` marked."""
+    at: dict[int, list[tuple[str, int]]] = {}
+    for node, t in lowered.tags:
+        if t.method == method and t.role == "probe" and node in lowered.slot:
+            at.setdefault(lowered.region_of(node), []).append((t.payload, lowered.slot[node]))
+    return at
+
+
+def guarded_spans(lowered, method: str) -> list[Span]:
+    """The spans `method`'s guards stood for, in id order."""
+    found = {t.payload.id: t.payload for _, t in lowered.tags if t.method == method and t.role == "guard"}
+    return [found[i] for i in sorted(found)]
+
+
+class SkipHook(Hook):
+    """Runs a method's skip decisions on the guarded spans of one graph."""
+
+    def __init__(self, name: str, policy: Policy, spans: list[SpanPlan], probes: dict[int, list[tuple[str, int]]]):
+        self.name = name
+        self.policy = policy
+        self.spans = spans
+        self._entry = {s.first: s for s in spans}
+        self._decide = {s.decide_at: s for s in spans}
+        self._exit = {s.last: s for s in spans}
+        self._probes = probes
+
+    def new_state(self) -> SkipState:
+        return SkipState(self.policy.new_state())
+
+    def begin_call(self, call) -> None:
+        st = call.state(self)
+        st.probes = {}
+        self.policy.begin_call(call, st.policy)
+
+    def before_region(self, call, index: int) -> int | None:
+        st = call.state(self)
+        span = self._entry.get(index)
+        if span is not None:
+            st.inputs[span.id] = [call.values[src] for src, _ in span.streams]
+        span = self._decide.get(index)
+        if span is None or span.id not in st.inputs:
+            return None
+        wants = self.policy.should_skip(call, st.policy, span, st.probes)  # the policy sees every step
+        if not wants or span.id not in st.residuals:
+            return None
+        for (_, dst), x, residual in zip(span.streams, st.inputs.pop(span.id), st.residuals[span.id]):
+            call.values[dst] = x + residual
+        call.free(span.free_after)
+        return span.last + 1
+
+    def after_region(self, call, index: int) -> int | None:
+        st = call.state(self)
+        for name, slot in self._probes.get(index, ()):
+            st.probes[name] = call.values[slot]
+        span = self._exit.get(index)
+        if span is not None and span.id in st.inputs:
+            st.residuals[span.id] = [call.values[dst] - x for (_, dst), x in zip(span.streams, st.inputs.pop(span.id))]
+        return None
+
+    def end_call(self, call) -> None:
+        st = call.state(self)
+        self.policy.end_call(call, st.policy, st.probes)
+
+    def stats(self, state: SkipState) -> dict:
+        cache = sum(t.numel() * t.element_size() for ts in state.residuals.values() for t in ts)
+        return {**self.policy.stats(state.policy), "cache_mb": round(cache / 2**20, 3)}
