@@ -266,6 +266,12 @@ def _find_blocks(graph: fx.Graph, layout: TokenLayout) -> list[tuple[str, str, l
     nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     attention_blocks = {bp for n in _attention_nodes(nodes, _token_counts(layout)) if (bp := _block_path_of(n))}
     if not attention_blocks:
+        softmax = [n for n in nodes if n.target in ("softmax", torch.softmax, torch.nn.functional.softmax)]
+        if softmax:
+            raise UnsupportedGraph(
+                f"no attention call inside a repeated module was found; {softmax[0].name} "
+                f"(in {module_path(softmax[0]) or 'the model'}) is a softmax of a hand-written attention that was not "
+                "rewritten to scaled_dot_product_attention (report.json's normalize_attention section says why)")
         raise UnsupportedGraph("no attention call inside a repeated module (a list of transformer blocks) was found")
     members: dict[str, list[fx.Node]] = {}
     types: dict[str, str] = {}

@@ -20,7 +20,7 @@ from .analysis import UnsupportedGraph
 from .config import Config
 from .export import Exporter
 from .lowering import compile_graph, lower
-from .runtime import Runtime, register
+from .runtime import Fallback, Runtime, register
 
 
 def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | None = None):
@@ -39,7 +39,9 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
     except UnsupportedGraph as why:
         _warn_once(f"ditopt: {why}; compiling this graph with plain {config.lowering} and no acceleration")
         exporter.write_report(structure=None, fallback=str(why))
-        return compile_graph(gm, list(example_inputs), config)
+        fallback = Fallback(compile_graph(gm, list(example_inputs), config), str(why))
+        register(fallback, example_inputs)
+        return fallback
 
     lowered = lower(gm, structure)
     hooks = []

@@ -17,6 +17,7 @@ the manner of Inductor's `CustomGraphPass`: a name, a callable and an identity (
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -150,25 +151,25 @@ def configure(method: Method, value: Any, base: Any) -> Any:
     settings = method.normalize({"enabled": True, **value}, base)
     for f in dataclasses.fields(section):
         if f.name in settings:
-            settings[f.name] = _typed(f"{method.name}.{f.name}", settings[f.name], getattr(base, f.name))
+            settings[f.name] = _typed(f"{method.name}.{f.name}", settings[f.name], f.type)
     return dataclasses.replace(base, **settings)
 
 
-def _typed(name: str, value: Any, default: Any) -> Any:
-    """Check a setting against the type of its default; lists become tuples where the default is one."""
-    if isinstance(default, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if default is None or value is None:
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list, "tuple": tuple}
+
+
+def _typed(name: str, value: Any, annotation: Any) -> Any:
+    """Check a setting against its field's annotation ("int | None", "tuple", ...); a list is taken for a
+    tuple, an int for a float.  Ranges and choices are each config's own `validate()`."""
+    names = re.findall(r"[A-Za-z_]+", annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+    allowed = [_TYPES[n] for n in names if n in _TYPES]
+    if value is None and "None" in names or not allowed:
         return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, type(default))
+    if isinstance(value, list) and tuple in allowed:
+        value = tuple(value)
+    ok = any(isinstance(value, t) and (t is bool or not isinstance(value, bool)) for t in allowed)
+    ok = ok or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
-        raise ValueError(f"ditopt: {name} must be a {type(default).__name__} (like the default {default!r}); "
-                         f"got {value!r} ({type(value).__name__})")
+        want = " or ".join(t.__name__ for t in allowed) + (" or None" if "None" in names else "")
+        raise ValueError(f"ditopt: {name} must be {want}; got {value!r} ({type(value).__name__})")
     return value

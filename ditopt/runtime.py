@@ -26,6 +26,9 @@ from .lowering import Lowered, Region, VariantCache, fill_template
 from .method import Hook
 
 
+_GENERATION_IDS = itertools.count()
+
+
 @dataclass
 class GenerationStats:
     """One generation of one stream: core counters, and one section per method (its hook's stats)."""
@@ -37,6 +40,7 @@ class GenerationStats:
     blocks_computed: int = 0
     blocks_skipped: int = 0
     methods: dict[str, dict] = field(default_factory=dict)
+    order: int = field(default_factory=lambda: next(_GENERATION_IDS))  # when it started, across all graphs
 
     def to_dict(self) -> dict:
         return {
@@ -256,6 +260,29 @@ class Runtime:
         self.clock.reset()
 
 
+class Fallback:
+    """A graph compiled with plain Inductor (no acceleration), kept so that `ditopt.stats` says so and why."""
+
+    def __init__(self, fn: Callable, reason: str):
+        self.fn = fn
+        self.reason = reason
+        self.index = next(_RUNTIME_IDS)
+        self.params: dict[int, weakref.ref] = {}
+        self.calls = 0
+        if getattr(fn, "_boxed_call", False):  # Inductor's boxed convention: Dynamo passes one list of inputs
+            self._boxed_call = True
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+    def stats(self) -> dict:
+        return {"calls": self.calls, "fallback": self.reason, "compiled_variants": 0, "generations": []}
+
+    def reset(self) -> None:
+        pass
+
+
 def _first(results):
     """The first result that is not None (each hook is asked until one answers)."""
     for r in results:
@@ -307,15 +334,15 @@ def count_flops():
 _RUNTIMES: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
 
 
-def register(runtime: Runtime, example_inputs) -> None:
+def register(runtime: "Runtime | Fallback", example_inputs) -> None:
     for x in example_inputs:
         if isinstance(x, torch.nn.Parameter):
             runtime.params[id(x)] = weakref.ref(x)
     _RUNTIMES.add(runtime)
 
 
-def runtimes_of(model: torch.nn.Module) -> list[Runtime]:
-    """The runtimes ditopt built for a model (or its torch.compile wrapper), oldest first."""
+def runtimes_of(model: torch.nn.Module) -> list["Runtime | Fallback"]:
+    """The runtimes ditopt built for a model (or its torch.compile wrapper), fallbacks included, oldest first."""
     model = getattr(model, "_orig_mod", model)
     params = list(model.parameters())
     found = [r for r in list(_RUNTIMES) if any(_holds(r, p) for p in params)]
@@ -334,14 +361,45 @@ def reset(model: torch.nn.Module) -> None:
 
 
 def stats(model: torch.nn.Module) -> dict:
-    """What ditopt did for a model: per compiled graph, its regions and variants, and per generation
-    the steps seen and, per method, what was skipped, reduced or reused."""
-    graphs = [r.stats() for r in runtimes_of(model)]
+    """What ditopt did for a model: per compiled graph (oldest first) its regions, methods and variants, or
+    the reason it fell back; per generation (in the order they started) the steps seen, the block calls
+    computed and skipped, and one section per method."""
+    found = runtimes_of(model)
+    graphs = [r.stats() for r in found]
+    generations = sorted((g for r in found if isinstance(r, Runtime) for g in r.clock.all_stats()),
+                         key=lambda g: g.order)
     return {
         "graphs": graphs,
-        "generations": [g for r in graphs for g in r["generations"]],
+        "generations": [g.to_dict() for g in generations],
+        "fallbacks": [g["fallback"] for g in graphs if "fallback" in g],
         "compiled_variants": sum(g["compiled_variants"] for g in graphs),
     }
+
+
+def explain(model: torch.nn.Module) -> str:
+    """What ditopt did for a model, in words: graphs, fallbacks and why, and the last generation."""
+    s = stats(model)
+    lines = []
+    accelerated = [g for g in s["graphs"] if "fallback" not in g]
+    if not s["graphs"]:
+        return "ditopt has compiled no graph of this model yet (call the compiled model first)."
+    lines.append(f"{len(s['graphs'])} graph(s) compiled: {len(accelerated)} accelerated, "
+                 f"{len(s['fallbacks'])} with plain Inductor.")
+    for reason in dict.fromkeys(s["fallbacks"]):
+        lines.append(f"  not accelerated: {reason}")
+    for g in accelerated:
+        lines.append(f"  {g['blocks']} blocks in {g['regions']} regions, {g['compiled_variants']} compiled "
+                     f"variants; methods on: {', '.join(g['methods']) or 'none (lossless)'}")
+    if s["generations"]:
+        g = s["generations"][-1]
+        calls = g["blocks_computed"] + g["blocks_skipped"]
+        lines.append(f"last generation (stream {g['stream']}): {g['steps']} steps, {g['blocks_computed']} of "
+                     f"{calls} block calls computed, {g['blocks_skipped']} skipped")
+        for name in accelerated[-1]["methods"] if accelerated else []:
+            section = g.get(name, {})
+            summary = {k: v for k, v in section.items() if not isinstance(v, (list, dict))}
+            lines.append(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

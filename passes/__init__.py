@@ -16,10 +16,11 @@ import torch.fx as fx
 
 from ditopt.analysis import DiTStructure, analyze
 
-from . import adacache, asymrnr, remove_inference_noops, teacache, toca
+from . import adacache, asymrnr, normalize_attention, remove_inference_noops, teacache, toca
 
 NORMALIZE: tuple[tuple[str, Callable[[fx.GraphModule], dict]], ...] = (
-    ("remove_inference_noops", remove_inference_noops.run),
+    ("remove_inference_noops", remove_inference_noops.run),  # first: dropout between softmax and V goes
+    ("normalize_attention", normalize_attention.run),  # hand-written attention -> SDPA, where exact
 )
 
 METHODS = (

@@ -384,3 +384,19 @@ def test_linear_attention_guarded_loop_cuts_flops_below_0_8():
         return tally.flops
 
     assert flops({"adacache": {"codebook": {1e9: 3}}}) < 0.8 * flops({})
+
+
+def test_calibrate_checks_its_target_and_leaves_other_compiled_models_alone(monkeypatch):
+    from ditopt.passes.adacache import calibrate
+
+    model, other = _stdit(depth=2), _stdit(depth=1, seed=3)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    other_fn = compile_ditopt(other)
+    _loop(other_fn, x, y)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: pytest.fail("calibrate reset Dynamo for every model"))
+    with pytest.raises(ValueError, match="a speed-up"):
+        calibrate(model, lambda fn: _loop(fn, x, y), target_speedup=0)
+    result = calibrate(model, lambda fn: _loop(fn, x, y), target_speedup=2.0)
+    assert len(result["metrics"]) == 12 and result["predicted_speedup"] > 1.0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _loop(other_fn, x, y)  # the other model's compiled code is still there

@@ -462,11 +462,12 @@ def test_match_every_follows_the_step_count_by_default(steps, every):
     assert first["asymrnr"]["matchings"] == sites * math.ceil(steps / every)  # from the timestep decrement
 
 
-def test_first_steps_reduce_nothing():
+@pytest.mark.parametrize("max_noise, reducing_steps", [(0.5, 3), (1.0, 5), (0.0, 1)])
+def test_high_noise_steps_reduce_nothing(max_noise, reducing_steps):
     case = build("cogvideox")
-    fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "kv_ratio": 0.3, "first_steps": 3})
-    _loop(case.inputs(batch=1), 5, fn)
+    fn = compile_ditopt(case.model, asymrnr={"q_ratio": 0.5, "kv_ratio": 0.3, "max_noise": max_noise})
+    _loop(case.inputs(batch=1), 5, fn)  # timesteps 999, 749.25, 499.5, 249.75, 0
     (g,) = ditopt.stats(case.model)["generations"]
     plans_per_step = 2  # one q plan per block
     assert g["asymrnr"]["q_plans"] == 5 * plans_per_step
-    assert abs(g["asymrnr"]["q_ratio_sum"] - 0.5 * 2 * plans_per_step) < 1e-9  # steps 3 and 4 only
+    assert abs(g["asymrnr"]["q_ratio_sum"] - 0.5 * reducing_steps * plans_per_step) < 1e-9

@@ -20,7 +20,7 @@ def test_bench_measures_every_configuration_and_writes_json(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert [r["config"] for r in rows] == configs
     eager, lossless, skipping, fbcache, *peers = rows
-    assert eager["speedup_vs_eager"] == 1.0 and eager["flop_ratio"] == 1.0 and math.isinf(eager["psnr_db"])
+    assert eager["speedup_vs_eager"] == 1.0 and eager["flop_ratio"] == 1.0 and eager["psnr_db"] is None  # inf: null
     assert lossless["flop_ratio"] == 1.0 and lossless["psnr_db"] > 60  # same math, other kernels
     assert skipping["blocks_skipped_fraction"] > 0 and skipping["flop_ratio"] < 1.0
     assert fbcache["how"] == "eager + diffusers hooks" and fbcache["gflops_per_generation"] > 0
@@ -75,26 +75,31 @@ def test_runtime_flop_count_of_lossless_equals_the_eager_count():
 def test_attention_flops_fall_to_the_kept_pairs_under_asymrnr():
     case = models.build("cogvideox")
     generate = bench.euler_loop(case.inputs(1, 0), 2, "hidden_states", models.call)
-    name = 'ditopt:{"preset": "lossless", "asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.5}}'
+    name = 'ditopt:{"preset": "lossless", "asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.5, "max_noise": 1.0}}'
     full, reduced = (bench.count_generation_flops(case.model, c, generate)[1] for c in ("eager", name))
     # tiny CogVideoX: 2 x 8 x 8 latent -> 32 video tokens (4 x 4 x 2), 8 text tokens first, both attend jointly
     n, text, kept = 32, 8, 16
     assert reduced / full == pytest.approx((text + kept) ** 2 / (text + n) ** 2)
 
 
-def test_plot_has_one_point_per_measured_configuration():
-    import xml.etree.ElementTree as ET
+def test_plot_has_one_point_per_configuration_with_a_speedup_lossless_included(tmp_path):
+    def row(name, speedup, db, how="ditopt (inductor)"):
+        return bench.Result(name, how, 1.0, speedup, None, 0.0, None, None, db, None, None, None)
 
-    def row(name, speedup, db):
-        return bench.Result(name, "x", 1.0, speedup, None, 0.0, None, None, db, None, None, None)
-
-    rows = [row("inductor", 1.0, math.inf), row("fast", 2.9, 24.8), row("a<b", 1.4, 37.8), row("eager", None, 99.0)]
-    svg = ET.fromstring(bench.to_svg(rows, "fixture"))
-    circles = svg.findall("{http://www.w3.org/2000/svg}circle")
-    labels = [t.text for t in svg.findall("{http://www.w3.org/2000/svg}text")]
-    assert len(circles) == 2 and "fast" in labels and "a<b" in labels
-    # higher speed-up is drawn higher (smaller y)
-    assert float(circles[0].get("cy")) < float(circles[1].get("cy"))
+    rows = [row("inductor", 1.0, math.inf, "inductor"), row("lossless", 1.02, 131.8), row("fast", 2.9, 24.8),
+            row("a<b", 1.4, 37.8), row("eager", None, 99.0, "eager")]
+    fig = bench.plot(rows, "fixture")
+    (ax,) = fig.axes
+    points = [tuple(c.get_offsets()[0]) for c in ax.collections if len(c.get_offsets())]
+    labels = [t.get_text() for t in ax.texts]
+    assert sorted(labels) == sorted(["inductor", "lossless", "fast", "a<b"])  # eager has no speed-up
+    exact = max(x for x, _ in points)
+    assert {y for x, y in points if x == exact} == {1.0, 1.02}  # infinite and 131.8 dB share the exact column
+    assert (24.8, 2.9) in [(round(float(x), 2), round(float(y), 2)) for x, y in points]
+    assert "exact" in ax.get_xticklabels()[-1].get_text()
+    bench.write(rows, tmp_path, "fixture")
+    assert json.loads((tmp_path / "bench.json").read_text())[0]["psnr_db"] is None  # strict JSON
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
 def test_peak_memory_is_reset_per_configuration_and_read_after_the_timed_generations(monkeypatch):
@@ -116,3 +121,21 @@ def test_peak_memory_is_reset_per_configuration_and_read_after_the_timed_generat
     assert events == ["generate", "reset", "generate", "generate", "generate"] * 2
     # read after generation 3 and 7: read after the FLOP count, they would be 4 and 8
     assert [r.peak_memory_mb for r in rows] == [3.0, 7.0]
+
+
+def test_cli_refuses_a_bad_configuration_before_any_work_and_lists_the_names():
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ditopt", "bench", "--configs", "inductor", "foo"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown configuration 'foo'" in proc.stderr and "toca-dit" in proc.stderr
+    assert time.perf_counter() - start < 15  # refused before loading a model or compiling
+    bad = subprocess.run([sys.executable, "-m", "ditopt", "bench", "--configs", 'ditopt:{"adacache": {"x": 1}}'],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown key(s) ['x']" in bad.stderr
+    helptext = subprocess.run([sys.executable, "-m", "ditopt", "bench", "--help"], capture_output=True, text=True).stdout
+    flat = "".join(helptext.split())  # argparse wraps lines, at hyphens too
+    assert "asymrnr-adaptive" in flat and "ditopt:<optionsasJSON>" in flat

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ditopt import Config, preset_config
 from ditopt.config import LOWERINGS, PRESETS
@@ -81,3 +83,38 @@ def test_codebook_thresholds_from_json_strings():
     assert cfg.adacache.codebook == {0.1: 3, float("inf"): 1}
     with pytest.raises(ValueError, match="is not a number"):
         Config.from_options({"adacache": {"codebook": {"fast": 3}}})
+
+
+def _fields():
+    import dataclasses
+
+    from ditopt.passes import METHODS
+
+    return [(m.name, f.name) for m in METHODS for f in dataclasses.fields(m.config_type) if f.name != "enabled"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(_fields()),
+       value=st.one_of(st.text(max_size=3), st.integers(-3, 3), st.floats(allow_nan=False, allow_infinity=False),
+                       st.booleans(), st.none(), st.lists(st.integers(0, 3), max_size=3),
+                       st.dictionaries(st.sampled_from(["self", "x", "0.1"]), st.integers(0, 3), max_size=2)))
+def test_any_value_for_any_method_field_is_accepted_or_a_value_error(field, value):
+    section, key = field
+    try:
+        Config.from_options({section: {key: value}})
+    except ValueError as err:
+        assert "ditopt:" in str(err)
+
+
+@pytest.mark.parametrize("section, key", [f for f in _fields()])
+def test_a_string_for_a_non_string_field_names_the_field(section, key):
+    import dataclasses
+
+    from ditopt.passes import METHODS
+
+    annotation = next(f.type for m in METHODS if m.name == section for f in dataclasses.fields(m.config_type)
+                      if f.name == key)
+    if "str" in str(annotation):
+        pytest.skip("a string field")
+    with pytest.raises(ValueError, match=f"{section}.{key}"):
+        Config.from_options({section: {key: "2"}})

@@ -27,17 +27,35 @@ def test_plain_mlp_falls_back_with_exactly_one_warning():
     torch.testing.assert_close(out_again, mlp(x + 1))
 
 
+def test_stats_record_every_graph_that_fell_back_and_why():
+    import ditopt
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(mlp, backend="ditopt", options={"preset": "lossless"})  # Inductor: boxed calls
+        compiled(torch.randn(2, 4, 8))
+        compiled(torch.randn(2, 4, 8))
+    s = ditopt.stats(mlp)
+    assert len(s["graphs"]) == 1 and s["graphs"][0]["calls"] == 2
+    assert s["fallbacks"] == [s["graphs"][0]["fallback"]] and "no attention call" in s["fallbacks"][0]
+    text = ditopt.explain(mlp)
+    assert "0 accelerated, 1 with plain Inductor" in text and "no attention call" in text
+
+
 def test_export_writes_each_stage_and_a_report(tmp_path):
     case = models.build("wan")
     with torch.no_grad():
         models.call(compile_ditopt(case.model, export_dir=str(tmp_path)), case.inputs())
     (graph_dir,) = list(tmp_path.iterdir())
     files = sorted(p.name for p in graph_dir.iterdir())
-    assert files == ["00_dynamo.py", "01_remove_inference_noops.py", "02_lowered.py", "report.json"]
+    assert files == ["00_dynamo.py", "01_remove_inference_noops.py", "02_normalize_attention.py", "03_lowered.py",
+                     "report.json"]
     report = json.loads((graph_dir / "report.json").read_text())
     assert len(report["structure"]["blocks"]) == 2
     assert report["passes"]["remove_inference_noops"]["removed"]["dropout"] == 2 * 3  # attn1.to_out.1, attn2.to_out.1, ffn.net.1 in each Wan block
-    assert "same computation as region1_block0" in (graph_dir / "02_lowered.py").read_text()
+    assert "same computation as region1_block0" in (graph_dir / "03_lowered.py").read_text()
     assert "functional.dropout(" not in (graph_dir / "01_remove_inference_noops.py").read_text()
     assert "functional.dropout(" in (graph_dir / "00_dynamo.py").read_text()
 

@@ -18,7 +18,7 @@ from conftest import capture_graphs
 
 
 def test_pipeline_is_declared_once_in_order():
-    assert [name for name, _ in NORMALIZE] == ["remove_inference_noops"]
+    assert [name for name, _ in NORMALIZE] == ["remove_inference_noops", "normalize_attention"]
     assert [m.name for m in METHODS] == ["toca", "asymrnr", "adacache", "teacache"]
 
 

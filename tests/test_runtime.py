@@ -79,4 +79,4 @@ def test_generation_context_manager_resets_on_entry():
 
 def test_stats_of_a_model_ditopt_never_saw_is_empty():
     model, _, _ = _model()
-    assert ditopt.stats(model) == {"graphs": [], "generations": [], "compiled_variants": 0}
+    assert ditopt.stats(model) == {"graphs": [], "generations": [], "fallbacks": [], "compiled_variants": 0}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -26,14 +27,14 @@ from .metrics import psnr, ssim
 PRESET_CONFIGS = ("lossless", "quality", "balanced", "fast")
 # Single methods by name, on top of full compute.
 METHOD_CONFIGS = {
-    # Reference-like AsymRnR schedules: no reduction in the first, high-noise fifth of a 30-step generation.
-    "asymrnr": {"preset": "lossless", "asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.3, "first_steps": 6}},
-    "asymrnr-adaptive": {"preset": "lossless", "asymrnr": {"schedule": "adaptive", "q_ratio": 0.75, "kv_ratio": 0.5,
-                                                           "first_steps": 6}},
+    # AsymRnR's defaults reduce nothing in the high-noise start (max_noise 0.8), as the reference's schedules.
+    "asymrnr": {"preset": "lossless", "asymrnr": {"q_ratio": 0.5, "kv_ratio": 0.3}},
+    "asymrnr-adaptive": {"preset": "lossless", "asymrnr": {"schedule": "adaptive", "q_ratio": 0.75, "kv_ratio": 0.5}},
     "toca": {"preset": "lossless", "toca": {"interval": 3, "ratio": 0.1}},
     **{f"toca-{ref}": {"preset": "lossless", "toca": {"reference": ref}} for ref in ("dit", "pixart", "opensora")},
 }
 PEERS = ("fbcache", "pab", "fastercache", "taylorseer", "magcache")
+SMALL_SECONDS = 0.5  # a generation shorter than this is timed with a warning
 
 
 def _register_cpu_sdpa_flops() -> None:
@@ -56,7 +57,7 @@ _register_cpu_sdpa_flops()
 class Result:
     config: str
     how: str  # how it was run (lowering, or the peer's hooks)
-    seconds_per_generation: float
+    seconds_per_generation: float  # the fastest timed generation
     speedup_vs_inductor: float | None
     speedup_vs_eager: float | None
     compile_seconds: float
@@ -70,6 +71,28 @@ class Result:
     matching_gflops: float | None = None  # AsymRnR's matching (counted apart: FlopCounterMode sees its reference)
     video_attention_fraction: float | None = None  # video-video attention pairs left by AsymRnR
     toca_computed_fraction: float | None = None  # rows ToCa's sites computed, of all their rows
+    seconds_median: float | None = None  # over the timed generations
+    seconds_max: float | None = None
+
+
+def config_names() -> list[str]:
+    """Every configuration name the bench knows, besides `ditopt:<options as JSON>`."""
+    return ["eager", "inductor", *PRESET_CONFIGS, *METHOD_CONFIGS, *PEERS]
+
+
+def check_configs(names: list[str]) -> None:
+    """Refuse an unknown name, or ditopt options that do not validate, before any work starts."""
+    import ditopt
+
+    for name in names:
+        if name.startswith("ditopt:"):
+            try:
+                ditopt.Config.from_options(json.loads(name[len("ditopt:"):]))
+            except (json.JSONDecodeError, ValueError) as err:
+                raise ValueError(f"ditopt bench: configuration {name!r}: {err}") from None
+        elif name not in config_names():
+            raise ValueError(f"ditopt bench: unknown configuration {name!r}; use one of {', '.join(config_names())}, "
+                             "or ditopt:<options as JSON>")
 
 
 def compile_config(model: torch.nn.Module, name: str, lowering: str = "inductor"):
@@ -193,9 +216,14 @@ def measure(
     does not apply to the model (no diffusers cache support, or its hooks fail) is left out with a warning.
     `lowering` is how the timed ditopt configurations are lowered ("eager" times the runtime's logic alone).
     """
+    from tqdm import tqdm
+
+    check_configs(configs)
     reference_out, reference_flops = None, None
     results, raw = [], []
-    for name in configs:
+    progress = tqdm(configs, desc="ditopt bench", unit="config")
+    for name in progress:
+        progress.set_postfix_str(name)
         try:
             ratios = magcache_ratios(model, generate) if name == "magcache" else None  # once: timing and FLOPs
             how, first, times, out, peak_mb, seen = _timed_generations(model, name, generate, repeats, cfg_batched,
@@ -211,6 +239,10 @@ def measure(
         asym = _asymrnr_figures(model, seen) if ours else None
         toca = _toca_fraction(model, seen) if ours else None
         steady = min(times)
+        if steady < SMALL_SECONDS:
+            warnings.warn(f"ditopt bench: {name} takes {steady * 1e3:.0f} ms per generation, too little for its "
+                          "time to mean anything (per-call overheads and noise dominate); use a larger --size, "
+                          "--batch or --steps for speed figures (the FLOP ratios stay exact)", stacklevel=2)
         if name in ("eager", "inductor") and reference_out is None:
             reference_out = out
         gflops, attention = (x / 1e9 for x in count_generation_flops(model, name, generate, cfg_batched, ratios)) if flops else (None, None)
@@ -228,6 +260,7 @@ def measure(
             attention_gflops=None if attention is None else round(attention, 3),
             matching_gflops=asym and round(asym[0], 4), video_attention_fraction=asym and asym[1],
             toca_computed_fraction=toca,
+            seconds_median=round(statistics.median(times), 4), seconds_max=round(max(times), 4),
         ))
         raw.append((name, steady, gflops))
     times = {name: steady for name, steady, _ in raw}
@@ -371,7 +404,8 @@ def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) 
 
 
 def to_markdown(results: list[Result], title: str) -> str:
-    cols = ["config", "how", "seconds_per_generation", "speedup_vs_inductor", "speedup_vs_eager", "compile_seconds",
+    cols = ["config", "how", "seconds_per_generation", "seconds_median", "seconds_max", "speedup_vs_inductor",
+            "speedup_vs_eager", "compile_seconds",
             "gflops_per_generation", "flop_ratio", "attention_gflops", "matching_gflops", "video_attention_fraction",
             "toca_computed_fraction", "psnr_db", "ssim", "blocks_skipped_fraction", "peak_memory_mb"]
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -381,54 +415,61 @@ def to_markdown(results: list[Result], title: str) -> str:
     return "\n".join(lines)
 
 
-def to_svg(results: list[Result], title: str, width: int = 640, height: int = 420) -> str:
-    """Speed-up against Inductor (y) over PSNR against full compute (x), one labelled point per config.
-
-    Full compute itself (infinite PSNR) is drawn as the dashed line at speed-up 1.  Plain SVG: no
-    plotting package is needed."""
-    points = [(r.psnr_db, r.speedup_vs_inductor, r.config) for r in results
-              if r.psnr_db is not None and r.speedup_vs_inductor is not None and math.isfinite(r.psnr_db)]
-    left, right, top, bottom = 60, 20, 40, 50
-    xs = [p[0] for p in points] or [0.0, 1.0]
-    ys = [p[1] for p in points] + [1.0]
-    x0, x1 = math.floor(min(xs)) - 1, math.ceil(max(xs)) + 1
-    y0, y1 = 0.0, math.ceil(max(ys) * 2 + 0.5) / 2
-
-    def px(x):
-        return left + (x - x0) / (x1 - x0) * (width - left - right)
-
-    def py(y):
-        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{_xml(title)}</text>',
-           f'<line x1="{left}" y1="{py(y0)}" x2="{width - right}" y2="{py(y0)}" stroke="black"/>',
-           f'<line x1="{left}" y1="{py(y0)}" x2="{left}" y2="{top}" stroke="black"/>',
-           f'<line x1="{left}" y1="{py(1)}" x2="{width - right}" y2="{py(1)}" stroke="grey" stroke-dasharray="4"/>',
-           f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">PSNR against full compute (dB)</text>',
-           f'<text x="16" y="{height / 2}" text-anchor="middle" transform="rotate(-90 16 {height / 2})">'
-           f'speed-up against Inductor</text>']
-    for x in range(int(x0), int(x1) + 1, max(1, (int(x1) - int(x0)) // 8)):
-        out.append(f'<text x="{px(x)}" y="{py(y0) + 16}" text-anchor="middle">{x}</text>')
-    y = y0
-    while y <= y1 + 1e-9:
-        out.append(f'<text x="{left - 6}" y="{py(y) + 4}" text-anchor="end">{y:g}</text>')
-        y += 0.5
-    for x, y, name in points:
-        out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="#1f77b4"/>')
-        out.append(f'<text x="{px(x) + 6:.1f}" y="{py(y) - 6:.1f}">{_xml(name)}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+EXACT_DB = 60.0  # PSNR at or above this (or infinite: identical output) is drawn in the "exact" column
 
 
-def _xml(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+def plot(results: list[Result], title: str):
+    """Speed-up against Inductor over PSNR against full compute, every configuration with a speed-up, as a
+    matplotlib figure.  Outputs at or above EXACT_DB (lossless, full compute) share one "exact" column
+    at the right, so a 130 dB row does not squeeze the others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r.speedup_vs_inductor is not None and r.psnr_db is not None]
+    finite = [r.psnr_db for r in rows if r.psnr_db < EXACT_DB]
+    lo = math.floor(min(finite, default=EXACT_DB - 10)) - 1
+    exact_x = max(finite, default=lo + 10) + 4
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="Inductor, full compute")
+    for i, r in enumerate(sorted(rows, key=lambda r: (r.psnr_db, r.speedup_vs_inductor))):
+        x = exact_x if r.psnr_db >= EXACT_DB else r.psnr_db
+        ours = r.how.startswith("ditopt")
+        ax.scatter([x], [r.speedup_vs_inductor], color="#1f77b4" if ours else "#ff7f0e", zorder=3)
+        ax.annotate(r.config, (x, r.speedup_vs_inductor), xytext=(6, 8 if i % 2 else -12),
+                    textcoords="offset points", fontsize=8)
+    ticks = [t for t in ax.get_xticks() if lo <= t < exact_x - 2]
+    ax.set_xticks([*ticks, exact_x], [f"{t:g}" for t in ticks] + [f"exact\n(>= {EXACT_DB:g})"])
+    ax.set_xlim(lo, exact_x + 3)
+    ax.set_ylim(0, max([r.speedup_vs_inductor for r in rows] + [1.0]) * 1.15)
+    ax.set_xlabel("PSNR against full compute (dB)")
+    ax.set_ylabel("speed-up against Inductor")
+    ax.set_title(title, fontsize=10)
+    ax.scatter([], [], color="#1f77b4", label="ditopt")
+    ax.scatter([], [], color="#ff7f0e", label="full compute / diffusers caches")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def finite(value):
+    """Strict JSON: infinite or NaN numbers (identical outputs' PSNR) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def write(results: list[Result], out_dir: Path, title: str) -> None:
-    """bench.json, bench.md (the table) and bench.svg (speed-up against PSNR) in out_dir."""
+    """bench.json (strict JSON: null for an infinite PSNR), bench.md (the table) and bench.png (speed-up
+    against PSNR) in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    rows = finite([asdict(r) for r in results])
+    (out_dir / "bench.json").write_text(json.dumps(rows, indent=2, allow_nan=False))
     (out_dir / "bench.md").write_text(to_markdown(results, title) + "\n")
-    (out_dir / "bench.svg").write_text(to_svg(results, title) + "\n")
+    plot(results, title).savefig(out_dir / "bench.png")

@@ -43,6 +43,7 @@ def _bench(args) -> int:
 
     from . import bench, models
 
+    bench.check_configs(args.configs)  # before any model is built
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +112,7 @@ def _gpu_check(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from ditopt import __version__
 
+    from . import bench
     from .models import FAMILIES, SIZES
 
     parser = argparse.ArgumentParser(prog="ditopt", description="ditopt: a torch.compile backend for video DiTs")
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "asymrnr", "toca", "fbcache", "pab", "fastercache",
                                                      "taylorseer", "magcache"],
                    help="configurations to compare (default: full compute, every preset, each single method "
-                        "and diffusers' caches)")
+                        f"and diffusers' caches); names: {', '.join(bench.config_names())}, "
+                        "or ditopt:<options as JSON>")
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--seed", type=int, default=0)
@@ -156,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--repeats", type=int, default=10, help="timed repeats per kernel (median)")
     g.set_defaults(func=_gpu_check)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as err:  # a bad option or an unsupported model: the message says what to change
+        print(err, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -56,19 +56,10 @@ class Report:
         self.write()
 
     def write(self) -> None:
-        (self.out / "gpu_check.json").write_text(json.dumps(_finite(self.data), indent=2, allow_nan=False))
+        from .bench import finite
+
+        (self.out / "gpu_check.json").write_text(json.dumps(finite(self.data), indent=2, allow_nan=False))
         (self.out / "gpu_check.md").write_text(to_markdown(self.data))
-
-
-def _finite(value):
-    """Strict JSON: infinite or NaN numbers (a lossless PSNR) become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _sync(device: str) -> None:

@@ -47,21 +47,30 @@ def calibrate_from_metrics(per_step: Sequence[float], target_speedup: float, fir
 def calibrate(model: torch.nn.Module, generate: Callable[[Callable], object], target_speedup: float,
               lowering: str = "eager") -> dict:
     """Run one full-compute generation, record the AdaCache metric at every step, and return
-    {"codebook": ..., "predicted_speedup": ..., "metrics": [...]} for the target speed-up."""
-    import ditopt
+    {"codebook": ..., "predicted_speedup": ..., "metrics": [...]} for the target speed-up.
 
-    torch._dynamo.reset()
+    Other compiled models (and this model's other compilations) are left as they are: Dynamo is not
+    reset; the calibration reads only the graphs it compiled itself."""
+    from ditopt.runtime import Runtime, runtimes_of
+
+    if not isinstance(target_speedup, (int, float)) or not 1.0 < target_speedup <= 50.0:
+        raise ValueError(f"ditopt calibrate: the target is a speed-up, a number in (1, 50]; got {target_speedup!r}")
+    before = set(map(id, runtimes_of(model)))
     compiled = torch.compile(model, backend="ditopt", options={
-        "lowering": lowering, "adacache": {"codebook": {math.inf: 1}, "last_steps": 0}})
+        "preset": "lossless", "lowering": lowering, "adacache": {"codebook": {math.inf: 1}, "last_steps": 0}})
     with torch.no_grad():
         generate(compiled)
-    gens = ditopt.stats(model)["generations"]
+    mine = [r for r in runtimes_of(model) if id(r) not in before]
+    gens = [g.to_dict() for r in mine if isinstance(r, Runtime) for g in r.clock.all_stats()]
     if not gens or "metrics" not in gens[0].get("adacache", {}):
-        raise ValueError("ditopt calibrate: the model has no AdaCache probe (see `ditopt inspect`)")
+        reasons = [r.reason for r in mine if not isinstance(r, Runtime)]
+        raise ValueError("ditopt calibrate: the model has no AdaCache probe"
+                         + (f" ({'; '.join(dict.fromkeys(reasons))})" if reasons else "")
+                         + "; `ditopt inspect` shows what ditopt finds in it")
     # Average over streams (e.g. cond and uncond calls) step by step.
     series = [g["adacache"]["metrics"] for g in gens]
     per_step = [sum((s[i] or 0.0) for s in series) / len(series) for i in range(min(map(len, series)))]
     codebook, predicted = calibrate_from_metrics(per_step, target_speedup)
-    torch._dynamo.reset()
-    ditopt.reset(model)
+    for r in mine:
+        r.reset()
     return {"codebook": codebook, "predicted_speedup": round(predicted, 3), "metrics": per_step}

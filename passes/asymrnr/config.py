@@ -31,7 +31,8 @@ class AsymRnRConfig:
     adaptive_threshold: float = 0.1  # relative distance below which a source counts as redundant
     match_every: int | None = None  # steps a match is reused; None: a tenth of the steps (5 for 50, 3 for 30)
     num_steps: int | None = None  # steps per generation, if known (for match_every); otherwise measured
-    first_steps: int = 0  # steps at the start of a generation (high noise) that reduce nothing
+    max_noise: float = 0.8  # fixed and adaptive schedules reduce only at steps whose timestep is at most this
+    # fraction of the first one (the high-noise start reduces nothing, as in the reference's tier tables)
     stride: tuple = (2, 2, 2)  # (frames, height, width) of the cells that each hold one destination
     metric: str = "euclidean"
     reduce_mode: str = "replace"  # or "mean"
@@ -51,8 +52,8 @@ class AsymRnRConfig:
             raise ValueError(f"ditopt: asymrnr.match_every must be >= 1 step or None, got {self.match_every}")
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"ditopt: asymrnr.num_steps must be >= 1 or None, got {self.num_steps}")
-        if self.first_steps < 0:
-            raise ValueError(f"ditopt: asymrnr.first_steps must be >= 0, got {self.first_steps}")
+        if not 0.0 <= self.max_noise <= 1.0:
+            raise ValueError(f"ditopt: asymrnr.max_noise is a fraction of the first timestep, 0..1; got {self.max_noise}")
         if len(self.stride) != 3 or not all(isinstance(s, int) and s >= 1 for s in self.stride):
             raise ValueError(f"ditopt: asymrnr.stride must be three integers >= 1 (frames, height, width), got {self.stride}")
         if self.schedule == "adaptive" and self.metric == "dot":

@@ -155,10 +155,13 @@ class MatchPlanner(Hook):
     def run_region(self, call, region, inputs: list) -> list | None:
         if region.index not in self.sites:
             return None
-        return self.plan(region.index, inputs[0], call.step, call.state(self), self.match_every(call))
+        ts = call.stream.timesteps  # a table schedule gives every step's ratio itself
+        reduce = self.cfg.schedule == "table" or not ts or ts[0] <= 0 or ts[-1] <= self.cfg.max_noise * ts[0] + 1e-6
+        return self.plan(region.index, inputs[0], call.step, call.state(self), self.match_every(call), reduce)
 
     def plan(self, region_index: int, x: torch.Tensor, step: int, state: StreamMatches,
-             every: int = 5) -> list[torch.Tensor]:
+             every: int = 5, reduce: bool = True) -> list[torch.Tensor]:
+        """The plan (keep, source) for one match region; `reduce=False` keeps every token this step."""
         site = self.sites[region_index]
         stats = state.stats
         key = (tuple(x.shape), x.dtype, x.device)
@@ -170,8 +173,7 @@ class MatchPlanner(Hook):
             stats["matching_gflops"] += matching_flops(B, H, match.src.numel(), match.dst.numel(), D) / 1e9
         else:
             stats["reused"] += 1
-        ratio = 0.0 if step < self.cfg.first_steps else self.schedule.ratio(site.block, step, site.role,
-                                                                             match.measured_ratio)
+        ratio = self.schedule.ratio(site.block, step, site.role, match.measured_ratio) if reduce else 0.0
         plan = match.plans.get(ratio)
         if plan is None:
             plan = match.plans[ratio] = tm.select_tokens(match.nearest, match.distance, match.dst, match.src,
