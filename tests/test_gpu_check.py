@@ -10,8 +10,10 @@ def test_gpu_check_runs_every_part_on_the_cpu_and_writes_strict_json(tmp_path):
                         repeats=1)
     data = json.loads((tmp_path / "gpu_check.json").read_text())  # strict: no Infinity
     assert data["errors"] == [] and rc == 0
-    kernels = {(r["kernel"], r["dtype"]) for r in data["kernels"]}
-    assert kernels == {(k, d) for k in ("nearest_destination", "gather_tokens") for d in gpu_check.DTYPES}
+    kernels = [(r["kernel"], r["dtype"], r["stride"] and tuple(r["stride"])) for r in data["kernels"]]
+    assert sorted(kernels, key=str) == sorted([("nearest_destination", d, s) for d in gpu_check.DTYPES
+                                               for s in gpu_check.STRIDES]
+                                              + [("gather_tokens", d, None) for d in gpu_check.DTYPES], key=str)
     assert all(r["ok"] for r in data["kernels"])
     timing = data["kernel_timing"]
     assert [r["what"] for r in timing][:2] == ["nearest_destination", "gather_tokens"]

@@ -38,6 +38,7 @@ SIZES = {
     "tiny": dict(grid=(2, 4, 8), heads=2, head_dim=16, batch=1),
 }
 STRIDE = (2, 2, 2)
+STRIDES = ((2, 2, 2), (6, 2, 2))  # CogVideoX's, and HunyuanVideo's and Mochi's (the reference's schedules)
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_CONFIGS = ("inductor", "lossless", "balanced", "fast", "asymrnr", "toca")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}  # on distances, relative to their scale
@@ -91,22 +92,23 @@ def check_kernels(report: Report, device: str, size: str) -> None:
     s = SIZES[size]
     grid, heads, head_dim, batch = s["grid"], s["heads"], s["head_dim"], s["batch"]
     n = math.prod(grid)
-    dst, src = plans.split_grid(grid, STRIDE, 0, device)
     for name in DTYPES:
         dtype = getattr(torch, name)
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype, generator=gen)
-        nearest, distance = matching.nearest_destination_triton(x, src, dst)
-        ref_nearest, ref_distance = matching.nearest_destination_reference(x, src, dst)
-        scale = ref_distance.abs().max().clamp_min(1e-6)
-        error = float(((distance - ref_distance).abs() / scale).max())
-        agree = float((nearest == ref_nearest).float().mean())
-        report.add("kernels", {"kernel": "nearest_destination", "dtype": name, "shape": list(x.shape),
-                               "max_relative_distance_error": round(error, 6), "same_nearest": round(agree, 6),
-                               "ok": error <= TOLERANCE[name]})
+        for stride in STRIDES:
+            dst, src = plans.split_grid(grid, stride, 0, device)
+            nearest, distance = matching.nearest_destination_triton(x, src, dst)
+            ref_nearest, ref_distance = matching.nearest_destination_reference(x, src, dst)
+            scale = ref_distance.abs().max().clamp_min(1e-6)
+            error = float(((distance - ref_distance).abs() / scale).max())
+            agree = float((nearest == ref_nearest).float().mean())
+            report.add("kernels", {"kernel": "nearest_destination", "dtype": name, "stride": list(stride),
+                                   "shape": list(x.shape), "max_relative_distance_error": round(error, 6),
+                                   "same_nearest": round(agree, 6), "ok": error <= TOLERANCE[name]})
         keep = torch.sort(torch.randperm(n, device=device)[: n // 2]).values.expand(batch, heads, -1).contiguous()
         same = torch.equal(gather.gather_tokens_triton(x, keep), gather.gather_tokens_reference(x, keep))
-        report.add("kernels", {"kernel": "gather_tokens", "dtype": name, "shape": list(x.shape),
+        report.add("kernels", {"kernel": "gather_tokens", "dtype": name, "stride": None, "shape": list(x.shape),
                                "exact": same, "ok": same})
 
 
