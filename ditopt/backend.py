@@ -21,6 +21,7 @@ from .config import Config
 from .export import Exporter
 from .lowering import compile_graph, lower
 from .runtime import Fallback, Runtime, register
+from .shapes import ShapeDispatcher, is_dynamic
 
 
 def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str | None = None):
@@ -31,6 +32,11 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
     from ditopt.passes import run_pipeline
 
     config = Config.from_options(options, mode)
+    if is_dynamic(gm):  # symbolic sizes: one static specialisation per concrete shape, at call time
+        dispatcher = ShapeDispatcher(gm, lambda concrete, inputs: ditopt_backend(concrete, inputs, options, mode),
+                                     lambda: compile_graph(gm, list(example_inputs), config), _warn_once)
+        register(dispatcher, example_inputs)
+        return dispatcher
     exporter = Exporter(config.export_dir)
     exporter.graph("dynamo", gm)
     exporter.write_report(config=config.to_dict())

@@ -380,11 +380,14 @@ def explain(model: torch.nn.Module) -> str:
     """What ditopt did for a model, in words: graphs, fallbacks and why, and the last generation."""
     s = stats(model)
     lines = []
-    accelerated = [g for g in s["graphs"] if "fallback" not in g]
+    accelerated = [g for g in s["graphs"] if "blocks" in g]
+    dynamic = [g for g in s["graphs"] if g.get("dynamic")]
     if not s["graphs"]:
         return "ditopt has compiled no graph of this model yet (call the compiled model first)."
-    lines.append(f"{len(s['graphs'])} graph(s) compiled: {len(accelerated)} accelerated, "
+    lines.append(f"{len(s['graphs']) - len(dynamic)} graph(s) compiled: {len(accelerated)} accelerated, "
                  f"{len(s['fallbacks'])} with plain Inductor.")
+    for g in dynamic:
+        lines.append(f"  a graph with symbolic sizes, specialised for {g['shapes_specialised']} input shape(s)")
     for reason in dict.fromkeys(s["fallbacks"]):
         lines.append(f"  not accelerated: {reason}")
     for g in accelerated:

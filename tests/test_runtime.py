@@ -5,6 +5,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import ditopt
+import ditopt.shapes
 from ditopt.runtime import StepClock
 from ditopt.harness.stdit import STDiT
 
@@ -80,3 +81,62 @@ def test_generation_context_manager_resets_on_entry():
 def test_stats_of_a_model_ditopt_never_saw_is_empty():
     model, _, _ = _model()
     assert ditopt.stats(model) == {"graphs": [], "generations": [], "fallbacks": [], "compiled_variants": 0}
+
+
+# --- shape changes under torch.compile's default dynamic=None ---------------------------
+
+
+def _shaped_calls(fn, model, shapes, steps, y):
+    """A short sampling loop per (frames, batch); returns (max difference to eager, per shape)."""
+    diffs = []
+    for frames, batch in shapes:
+        torch.manual_seed(frames * 10 + batch)
+        x = torch.randn(batch, 4, frames, 8, 8)
+        ref = x.clone()
+        yb = y.expand(batch, -1, -1)
+        with torch.no_grad():
+            for t in torch.linspace(999, 0, steps):
+                tb = t.expand(batch).clone()
+                x = x - fn(x, tb, yb) / steps
+                ref = ref - model(ref, tb, yb) / steps
+        diffs.append(float((x - ref).abs().max()))
+    return diffs
+
+
+def test_frame_count_and_batch_changes_stay_accelerated_and_exact():
+    model, _, y = _model()
+    shapes = [(3, 1), (5, 1), (3, 1), (3, 2), (3, 1)]
+    diffs = _shaped_calls(compile_ditopt(model), model, shapes, 2, y)
+    assert max(diffs) <= 1e-5, diffs
+    s = ditopt.stats(model)
+    assert s["fallbacks"] == []
+    runtimes = [r for r in ditopt.runtime.runtimes_of(model) if isinstance(r, ditopt.runtime.Runtime)]
+    assert {len(r.structure.blocks) for r in runtimes} == {2}  # every shape: both blocks accelerated
+    assert sum(g["steps"] for g in s["generations"]) == 2 * len(shapes)  # every call ran through a runtime
+    dynamic = [g for g in s["graphs"] if g.get("dynamic")]
+    assert dynamic and all(g["shapes_specialised"] <= ditopt.shapes.MAX_SHAPES for g in dynamic)
+
+
+def test_a_skip_preset_keeps_skipping_after_a_shape_change():
+    model, _, y = _model()
+    fn = compile_ditopt(model, adacache={"codebook": {1e9: 3}})
+    _shaped_calls(fn, model, [(3, 1), (5, 1), (3, 1)], 8, y)
+    gens = ditopt.stats(model)["generations"]
+    assert len(gens) == 3 and all(g["blocks_skipped"] > 0 for g in gens)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])  # CogVideoX writes its position embedding in place
+def test_diffusers_models_stay_exact_across_frame_counts(family):
+    from ditopt.harness import models
+
+    case = models.build(family)
+    fn = compile_ditopt(case.model)
+    frames_dim = 2 if family == "wan" else 1
+    for frames in (3, 5, 3):
+        inputs = case.inputs(1)
+        shape = list(inputs["hidden_states"].shape)
+        shape[frames_dim] = frames
+        inputs["hidden_states"] = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.equal(models.call(fn, inputs), models.call(case.model, inputs))
+    assert ditopt.stats(case.model)["fallbacks"] == []
