@@ -8,7 +8,8 @@ importing ditopt is not needed to use it.
 """
 
 from .config import Config, preset_config
+from .pipelines import apply
 from .runtime import explain, generation, reset, stats
 
 __version__ = "0.1.0"
-__all__ = ["Config", "preset_config", "explain", "generation", "reset", "stats", "__version__"]
+__all__ = ["Config", "apply", "preset_config", "explain", "generation", "reset", "stats", "__version__"]

@@ -265,6 +265,11 @@ def _attention_nodes(nodes: list[fx.Node], tokens: set[int]) -> list[fx.Node]:
 def _find_blocks(graph: fx.Graph, layout: TokenLayout) -> list[tuple[str, str, list[fx.Node]]]:
     nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     attention_blocks = {bp for n in _attention_nodes(nodes, _token_counts(layout)) if (bp := _block_path_of(n))}
+    if not attention_blocks and _attention_nodes(nodes, _token_counts(layout)):
+        raise UnsupportedGraph(
+            "the graph holds attention but no list of transformer blocks: it is one block compiled on its own "
+            "(diffusers' compile_repeated_blocks, regional compilation). ditopt needs the whole transformer in one "
+            "graph: call torch.compile(transformer, backend='ditopt') instead (identical blocks still compile once)")
     if not attention_blocks:
         softmax = [n for n in nodes if n.target in ("softmax", torch.softmax, torch.nn.functional.softmax)]
         if softmax:

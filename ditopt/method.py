@@ -36,7 +36,7 @@ class Tag:
     """What a method says about a node it inserted.
 
     role: the node's part in the method ("guard", "probe", "match", "rows", ...); payload: a small
-    method-owned value (a dataclass) its hook reads back.  The three flags are the only things the
+    method-owned value (a dataclass) its hook reads back.  The four flags are the only things the
     lowering reads: `own_region` (a key: the nodes sharing it form a region of their own, which the
     method's hook runs), `split_after` (end the region after this node: a decision waits for it),
     `output` (a region output even when nothing after reads it: the hook does), and `marker`

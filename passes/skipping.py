@@ -198,15 +198,15 @@ def plan_spans(lowered, spans: list[Span]) -> list[SpanPlan]:
 def probe_slots(lowered, method: str) -> dict[int, list[tuple[str, int]]]:
     """region index -> [(probe name, slot)] for the probes `method` marked."""
     at: dict[int, list[tuple[str, int]]] = {}
-    for node, t in lowered.tags:
-        if t.method == method and t.role == "probe" and node in lowered.slot:
+    for node, t in lowered.tagged(method, "probe"):
+        if node in lowered.slot:
             at.setdefault(lowered.region_of(node), []).append((t.payload, lowered.slot[node]))
     return at
 
 
 def guarded_spans(lowered, method: str) -> list[Span]:
     """The spans `method`'s guards stood for, in id order."""
-    found = {t.payload.id: t.payload for _, t in lowered.tags if t.method == method and t.role == "guard"}
+    found = {t.payload.id: t.payload for _, t in lowered.tagged(method, "guard")}
     return [found[i] for i in sorted(found)]
 
 

@@ -64,3 +64,15 @@ def test_cli_inspect_prints_the_structure():
     out = subprocess.run([sys.executable, "-m", "ditopt", "inspect", "cogvideox"], capture_output=True, text=True,
                          check=True).stdout
     assert "blocks: 2" in out and "joint-attn[full](40x40, 2h)" in out and "grid F x H x W = 2x4x4" in out
+
+
+def test_regional_compilation_warns_what_to_call_instead():
+    case = models.build("wan")
+    case.model.compile_repeated_blocks(backend="ditopt", options={"preset": "lossless", "lowering": "eager"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = models.call(case.model, case.inputs(1))
+    ours = [str(w.message) for w in caught if "ditopt" in str(w.message)]
+    assert len(ours) == 1 and "compile_repeated_blocks" in ours[0] and "torch.compile(transformer" in ours[0]
+    assert torch.isfinite(out).all()

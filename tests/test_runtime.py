@@ -140,3 +140,21 @@ def test_diffusers_models_stay_exact_across_frame_counts(family):
         with torch.no_grad():
             assert torch.equal(models.call(fn, inputs), models.call(case.model, inputs))
     assert ditopt.stats(case.model)["fallbacks"] == []
+
+
+def test_apply_compiles_a_pipelines_transformer_with_checked_options():
+    from types import SimpleNamespace
+
+    from ditopt.harness import models
+
+    case = models.build("wan")
+    with pytest.raises(ValueError, match="unknown option"):
+        ditopt.apply(SimpleNamespace(transformer=case.model), options={"presett": "fast"})
+    with pytest.raises(ValueError, match="has no transformer"):
+        ditopt.apply(SimpleNamespace(unet=case.model))
+    pipe = ditopt.apply(SimpleNamespace(transformer=case.model, vae=None), preset="lossless",
+                        options={"lowering": "eager"})
+    with torch.no_grad():
+        out = models.call(pipe.transformer, case.inputs(1))
+        assert torch.equal(out, models.call(case.model, case.inputs(1)))
+    assert len(ditopt.stats(case.model)["generations"]) == 1

@@ -32,6 +32,14 @@ def _mask(kind, b, n, m, gen):
     return torch.randn(b, 1, n, m, generator=gen)  # additive, per query
 
 
+def _head_averaged_map(q, k, attn_mask):
+    """The materialised definition: softmax(q k^T / sqrt(d) + mask), averaged over heads, [B, N, M]."""
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    return logits.softmax(-1).mean(1)
+
+
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 3), h=st.integers(1, 4), n=st.integers(1, 40), m=st.integers(1, 40), d=st.integers(1, 16),
        chunk=st.integers(1, 17), mask=st.sampled_from(["none", "key_bool", "additive"]))
@@ -39,10 +47,7 @@ def test_scores_equal_their_materialised_map_definitions(b, h, n, m, d, chunk, m
     gen = torch.Generator().manual_seed(b * 1000 + n * 37 + m)
     q, k = torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, m, d, generator=gen)
     attn_mask = _mask(mask, b, n, m, gen)
-    logits = q @ k.transpose(-1, -2) / d ** 0.5
-    if attn_mask is not None:
-        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
-    probs = logits.softmax(-1).mean(1)  # head-averaged map [B, N, M]
+    probs = _head_averaged_map(q, k, attn_mask)
     column = ts.attention_column_score(q, k, attn_mask, chunk=chunk)
     entropy = ts.attention_entropy(q, k, attn_mask, chunk=chunk)
     assert torch.allclose(column, probs.sum(1), atol=1e-5)
@@ -292,10 +297,7 @@ def test_cfg_halves_combine_their_attention_before_the_entropy(half, h, n, m, ma
     gen = torch.Generator().manual_seed(half * 100 + n * 7 + m)
     q, k = torch.randn(b, h, n, d, generator=gen), torch.randn(b, h, m, d, generator=gen)
     attn_mask = _mask(mask, b, n, m, gen)
-    logits = q @ k.transpose(-1, -2) / d ** 0.5
-    if attn_mask is not None:
-        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
-    probs = logits.softmax(-1).mean(1)
+    probs = _head_averaged_map(q, k, attn_mask)
     uncond, cond = probs.chunk(2)
     shared = (uncond + cond) / 2
     want = -(shared * torch.log(shared + 1e-7)).sum(-1).repeat(2, 1)

@@ -1,0 +1,34 @@
+"""One call for a diffusers pipeline: `ditopt.apply(pipe, preset="balanced")`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import Config
+
+COMPONENTS = ("transformer", "transformer_2")  # Wan 2.2 has a second, low-noise transformer
+
+
+def apply(pipe: Any, preset: str = "balanced", options: dict | None = None, components=COMPONENTS) -> Any:
+    """Compile a pipeline's transformer(s) with the ditopt backend, in place, and return the pipeline.
+
+        pipe = ditopt.apply(pipe, preset="fast")                      # then call pipe(...) as usual
+        pipe = ditopt.apply(pipe, options={"preset": "lossless", "asymrnr": {"q_ratio": 0.25}})
+
+    The options are checked before anything is compiled; shape changes between calls stay accelerated
+    (each new shape is specialised), so no `dynamic=` setting is needed."""
+    settings = {"preset": preset, **(options or {})}
+    Config.from_options(settings)  # a bad option fails here, not at the first denoising step
+    found = []
+    for name in components:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            setattr(pipe, name, torch.compile(module, backend="ditopt", options=settings))
+            found.append(name)
+    if not found:
+        raise ValueError(f"ditopt.apply: {type(pipe).__name__} has no transformer to compile (looked for "
+                         f"{list(components)}); compile the denoiser yourself with "
+                         "torch.compile(model, backend='ditopt')")
+    return pipe
