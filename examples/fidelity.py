@@ -27,18 +27,20 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--separate-cfg", action="store_true", help="cond and uncond as two calls per step")
     args = parser.parse_args()
     configs = [json.loads(o) for o in args.options]
     for options in configs:
         ditopt.Config.from_options({**options, "lowering": "eager"})  # a bad option fails before any work
 
+    batched = not args.separate_cfg
     model = fixture.load_fixture()
     prompts = list(fixture.PROMPTS[: args.prompts])
     with torch.no_grad():
         full, full_flops = {}, {}
         for seed in args.seeds:
             with FlopCounterMode(display=False) as counter:
-                full[seed] = fixture.sample(model, prompts, seed=seed, steps=args.steps)
+                full[seed] = fixture.sample(model, prompts, seed=seed, steps=args.steps, cfg_batched=batched)
             full_flops[seed] = counter.get_total_flops()
         for options in configs:
             torch._dynamo.reset()
@@ -47,7 +49,7 @@ def main() -> None:
             values, ratios = [], []
             for seed in args.seeds:
                 with count_flops() as tally:
-                    out = fixture.sample(fn, prompts, seed=seed, steps=args.steps)
+                    out = fixture.sample(fn, prompts, seed=seed, steps=args.steps, cfg_batched=batched)
                 values.append(psnr(out, full[seed]))
                 ratios.append(tally.flops / full_flops[seed])
             print(json.dumps({"options": options, "psnr_db_per_seed": [round(v, 2) for v in values],

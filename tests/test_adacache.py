@@ -400,3 +400,17 @@ def test_calibrate_checks_its_target_and_leaves_other_compiled_models_alone(monk
     assert len(result["metrics"]) == 12 and result["predicted_speedup"] > 1.0
     with torch._dynamo.config.patch(error_on_recompile=True):
         _loop(other_fn, x, y)  # the other model's compiled code is still there
+
+
+def test_separate_cond_and_uncond_calls_take_one_decision_per_step():
+    model = _stdit(depth=2)
+    x, y_cond, y_uncond = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16), torch.zeros(1, 5, 16)
+    fn = compile_ditopt(model, adacache={"codebook": {0.33: 2, math.inf: 1}})  # metrics here: 0.29 to 0.37
+    with torch.no_grad():
+        for t in torch.linspace(999, 0, 12):
+            cond, uncond = fn(x, t.reshape(1), y_cond), fn(x, t.reshape(1), y_uncond)  # two streams
+            x = x - (uncond + 2.0 * (cond - uncond)) / 12
+    gens = sorted(ditopt.stats(model)["generations"], key=lambda g: g["stream"])
+    assert [g["stream"] for g in gens] == [0, 1]
+    assert gens[0]["adacache"]["decisions"] == gens[1]["adacache"]["decisions"]
+    assert "S" in gens[1]["adacache"]["decisions"] and gens[1]["blocks_skipped"] == gens[0]["blocks_skipped"]

@@ -24,6 +24,7 @@ class AdaCacheConfig:
     first_steps: int = 2
     last_steps: int = 2
     num_steps: int | None = None  # steps per generation, if known; otherwise read from the timesteps
+    joint_streams: bool = True  # calls at one timestep after the first (separate CFG passes) follow its decision
 
     def validate(self) -> None:
         if not self.codebook:

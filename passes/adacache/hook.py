@@ -93,6 +93,7 @@ class AdaCachePolicy:
         self.cfg = cfg
         self.frames = frames
         self.names = names  # the probes averaged into the metric
+        self._lead: tuple[int, bool] | None = None  # (step, skip) of stream 0's latest call
 
     def new_state(self) -> _StreamAdaState:
         return _StreamAdaState()
@@ -108,6 +109,10 @@ class AdaCachePolicy:
         must = call.step < cfg.first_steps or in_last_steps(cfg.last_steps, cfg.num_steps, call.step,
                                                              call.stream.timesteps)
         st.skip = not must and call.step < st.next_compute
+        if call.stream.index == 0:
+            self._lead = (call.step, st.skip)
+        elif cfg.joint_streams and self._lead is not None and self._lead[0] == call.step:
+            st.skip = not must and self._lead[1]  # separate cond / uncond calls: one decision per step
         st.decisions.append("S" if st.skip else "C")
 
     def should_skip(self, call, st: _StreamAdaState, span, probes: dict) -> bool:
