@@ -269,8 +269,6 @@ class Fallback:
         self.index = next(_RUNTIME_IDS)
         self.params: dict[int, weakref.ref] = {}
         self.calls = 0
-        if getattr(fn, "_boxed_call", False):  # Inductor's boxed convention: Dynamo passes one list of inputs
-            self._boxed_call = True
 
     def __call__(self, *args):
         self.calls += 1

@@ -87,12 +87,6 @@ def _fold_sizes(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _call(fn: Callable, args):
-    if getattr(fn, "_boxed_call", False):  # Inductor's boxed convention: one list of inputs
-        return fn(list(args))
-    return fn(*args)
-
-
 class ShapeDispatcher:
     """The callable Dynamo gets for a graph with symbolic sizes: one specialised compile per shape."""
 
@@ -117,9 +111,9 @@ class ShapeDispatcher:
                     self.warn(f"ditopt: this graph was called with more than {MAX_SHAPES} input shapes; further "
                               "shapes run with plain Inductor and no acceleration")
                     self.plain = self.compile_plain()
-                return _call(self.plain, args)
+                return self.plain(*args)
             fn = self.specialised[key] = self.compile_static(concretize(self.gm, args), list(args))
-        return _call(fn, args)
+        return fn(*args)
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "dynamic": True, "shapes_specialised": len(self.specialised),
