@@ -87,6 +87,12 @@ def first_input(node: fx.Node):
     return node.args[0] if node.args else None
 
 
+def nodes_between(graph: fx.Graph, first: fx.Node, last: fx.Node) -> list[fx.Node]:
+    """The graph's nodes from `first` to `last`, both included, in order (a block, or a run of blocks)."""
+    nodes = list(graph.nodes)
+    return nodes[nodes.index(first):nodes.index(last) + 1]
+
+
 def walk(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]], within: set | None = None):
     """Every node reached from `start` by `step` (users or inputs), breadth first, inside `within`."""
     seen, frontier = {start}, [start]

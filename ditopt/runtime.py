@@ -35,17 +35,24 @@ class GenerationStats:
 
     stream: int
     generation: int
-    graph: int = 0  # which compiled graph's runtime counted this
     steps: int = 0
     blocks_computed: int = 0
     blocks_skipped: int = 0
-    methods: dict[str, dict] = field(default_factory=dict)
+    methods: dict[str, dict] = field(default_factory=dict)  # the method sections, once the generation ended
     order: int = field(default_factory=lambda: next(_GENERATION_IDS))  # when it started, across all graphs
+    # While the generation runs, its method sections are read from the hooks' states when asked for (not
+    # rebuilt at every call); `freeze` keeps them when it ends, before the states are dropped.
+    live: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
+
+    def freeze(self) -> None:
+        if self.live is not None:
+            self.methods, self.live = self.live(), None
 
     def to_dict(self) -> dict:
+        sections = self.live() if self.live is not None else self.methods
         return {
             "stream": self.stream, "generation": self.generation, "steps": self.steps,
-            "blocks_computed": self.blocks_computed, "blocks_skipped": self.blocks_skipped, **self.methods,
+            "blocks_computed": self.blocks_computed, "blocks_skipped": self.blocks_skipped, **sections,
         }
 
 
@@ -89,6 +96,7 @@ class StepClock:
 
     def _new_generation(self, stream: StreamState) -> None:
         if stream.stats is not None:
+            stream.stats.freeze()
             self.finished.append(stream.stats)
         stream.generation += 1  # every hook's state lives in stream.state: a new generation starts empty
         stream.step = -1
@@ -100,6 +108,7 @@ class StepClock:
         """End every stream's generation: the next call of each starts a fresh one."""
         for s in self.streams.values():
             if s.stats is not None:
+                s.stats.freeze()
                 self.finished.append(s.stats)
         self.streams = {}
         self._prev_t = None
@@ -195,7 +204,6 @@ class Runtime:
         self.calls += 1
         t = float(args[self.timestep_slot].reshape(-1)[0]) if self.timestep_slot is not None else None
         stream = self.clock.observe(t)
-        stream.stats.graph = self.index
         call = Call(self, stream, list(args) + [None] * max(0, self.num_slots - len(args)))
         for hook in self.hooks:
             hook.begin_call(call)
@@ -221,7 +229,9 @@ class Runtime:
             i = self._jumped(stream, i + 1, jump) if jump is not None else i + 1
         for hook in self.hooks:
             hook.end_call(call)
-            stream.stats.methods[hook.name] = hook.stats(call.state(hook))
+            call.state(hook)  # every hook has a state, so a section, from the first call on
+        if stream.stats.live is None:
+            stream.stats.live = lambda: {h.name: h.stats(stream.state[h.name]) for h in self.hooks}
         return fill_template(self.template, values)
 
     def _jumped(self, stream: StreamState, start: int, to: int) -> int:

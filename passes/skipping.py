@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ditopt.analysis import DiTStructure, example
 from ditopt.method import Hook, Tag, tag
-from ditopt.patterns import RESIDUAL_PATH, is_call
+from ditopt.patterns import RESIDUAL_PATH, is_call, nodes_between
 
 LIB = "ditopt"
 
@@ -64,12 +64,6 @@ def _runs_of_adjacent_blocks(gm: fx.GraphModule, structure: DiTStructure) -> lis
     return runs
 
 
-def _span_nodes(gm: fx.GraphModule, structure: DiTStructure, blocks: list[int]) -> list[fx.Node]:
-    nodes = list(gm.graph.nodes)
-    first = nodes.index(structure.blocks[blocks[0]].first_node)
-    return nodes[first:nodes.index(structure.blocks[blocks[-1]].last_node) + 1]
-
-
 def residual_source(out: fx.Node, inside: set, inputs: set) -> fx.Node | None:
     """The span input that `out` is a residual update of, or None if not exactly one."""
     want = example(out)
@@ -89,15 +83,21 @@ def residual_source(out: fx.Node, inside: set, inputs: set) -> fx.Node | None:
     return found.pop() if len(found) == 1 else None
 
 
+def residual_streams(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[tuple[fx.Node, fx.Node]]]:
+    """(every value the nodes hand on, the (input, output) pairs among them that are residual updates)."""
+    inside = set(nodes)
+    inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside}
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    return outputs, [(src, out) for out in outputs if (src := residual_source(out, inside, inputs)) is not None]
+
+
 def insert_guards(gm: fx.GraphModule, structure: DiTStructure, method: str) -> tuple[list[Span], list[dict]]:
     """Guard every skippable span; returns (spans, rejected runs of blocks with why)."""
     spans, rejected = [], []
     for blocks in _runs_of_adjacent_blocks(gm, structure):
-        nodes = _span_nodes(gm, structure, blocks)
+        nodes = nodes_between(gm.graph, structure.blocks[blocks[0]].first_node, structure.blocks[blocks[-1]].last_node)
         inside = set(nodes)
-        inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside}
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-        streams = [(src, out) for out in outputs if (src := residual_source(out, inside, inputs)) is not None]
+        outputs, streams = residual_streams(nodes)
         if len(streams) != len(outputs) or not streams:
             bad = [o.name for o in outputs if o not in {out for _, out in streams}]
             rejected.append({"blocks": blocks, "reason": f"outputs {bad} are not residual updates of the span's inputs"})

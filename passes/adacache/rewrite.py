@@ -16,7 +16,9 @@ import torch.fx as fx
 from ditopt.analysis import DiTStructure
 from ditopt.method import Rewrite
 
-from ..skipping import insert_guards, mark_probe, residual_source, spans_report
+from ditopt.patterns import nodes_between
+
+from ..skipping import insert_guards, mark_probe, residual_streams, spans_report
 from .config import AdaCacheConfig
 
 NAME = "adacache"
@@ -43,12 +45,7 @@ def _attention_probe(block) -> Probe | None:
 
 def _residual_probe(gm: fx.GraphModule, block) -> Probe | None:
     """The block's own output residual, where the block hands on exactly one residual update of its input."""
-    nodes = list(gm.graph.nodes)
-    inside = nodes[nodes.index(block.first_node):nodes.index(block.last_node) + 1]
-    members = set(inside)
-    inputs = {a for n in inside for a in n.all_input_nodes if a not in members}
-    outputs = [n for n in inside if any(u not in members for u in n.users)]
-    streams = [(src, out) for out in outputs if (src := residual_source(out, members, inputs)) is not None]
+    outputs, streams = residual_streams(nodes_between(gm.graph, block.first_node, block.last_node))
     if len(streams) != 1 or len(outputs) != 1 or streams[0][0].op == "placeholder":
         return None
     src, out = streams[0]

@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from ditopt.analysis import AttentionSite, Block, DiTStructure, example, q_projection_input, shape
 from ditopt.method import Rewrite, Tag, tag
-from ditopt.patterns import SDPA_TARGETS, call_args, is_call
+from ditopt.patterns import SDPA_TARGETS, call_args, is_call, nodes_between
 
 from . import ops as _ops  # noqa: F401  (registers ToCa's torch.ops.ditopt ops)
 from .config import ToCaConfig
@@ -161,7 +161,7 @@ class _Rewriter:
         self.scores: list[dict] = []
 
     def block(self, block: Block) -> None:
-        members = set(self._block_nodes(block))
+        members = set(nodes_between(self.graph, block.first_node, block.last_node))
         for att in block.attention:
             if att.kind in ("self", "joint"):
                 self._reuse_site(block, att)
@@ -173,10 +173,6 @@ class _Rewriter:
         for mlp in block.mlps:
             self._row_site(block, mlp.name, "mlp", mlp.input, mlp.output, members)
         self._score(block)
-
-    def _block_nodes(self, block: Block) -> list[fx.Node]:
-        nodes = list(self.graph.nodes)
-        return nodes[nodes.index(block.first_node):nodes.index(block.last_node) + 1]
 
     def _new_site(self, block: Block, name: str, kind: str, rows_of: fx.Node) -> dict:
         site = {"site": len(self.sites), "block": block.index, "name": name, "kind": kind,
