@@ -7,6 +7,7 @@ The backend is registered through the `torch_dynamo_backends` entry point;
 importing ditopt is not needed to use it.
 """
 
+from . import contexts  # noqa: F401  (records diffusers' cache_context names from the start)
 from .config import Config, preset_config
 from .pipelines import apply
 from .runtime import explain, generation, reset, stats

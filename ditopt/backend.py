@@ -16,6 +16,7 @@ import warnings
 
 import torch.fx as fx
 
+from . import contexts
 from .analysis import UnsupportedGraph
 from .config import Config
 from .export import Exporter
@@ -29,11 +30,15 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
 
     A graph without DiT structure is lowered unchanged with one warning that names the reason.
     """
+    return _compile(gm, example_inputs, options, mode, contexts.reader_for(contexts.module_being_compiled()))
+
+
+def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
     from ditopt.passes import run_pipeline
 
     config = Config.from_options(options, mode)
     if is_dynamic(gm):  # symbolic sizes: one static specialisation per concrete shape, at call time
-        dispatcher = ShapeDispatcher(gm, lambda concrete, inputs: ditopt_backend(concrete, inputs, options, mode),
+        dispatcher = ShapeDispatcher(gm, lambda concrete, inputs: _compile(concrete, inputs, options, mode, context),
                                      lambda: compile_graph(gm, list(example_inputs), config), _warn_once)
         register(dispatcher, example_inputs)
         return dispatcher
@@ -59,7 +64,7 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
                        f"it does nothing in this graph")
         else:
             hooks.append(hook)
-    runtime = Runtime(lowered, hooks, config, reports)
+    runtime = Runtime(lowered, hooks, config, reports, context)
     register(runtime, example_inputs)
     exporter.lowered(lowered.regions)
     exporter.write_report(

@@ -7,7 +7,8 @@ sampling loop never recompiles.
 Step clock: the timestep input is read once per call.  A new generation of a
 stream starts when its timestep does not decrease.  Several calls at one
 timestep (separate cond and uncond passes) are separate streams, each with
-its own caches and decisions.
+its own caches and decisions: named by diffusers' `cache_context` when the
+call runs in one (ditopt/contexts.py), else by their order at that timestep.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class GenerationStats:
 
     stream: int
     generation: int
+    name: str | None = None  # the diffusers cache_context the stream's calls ran in, if any
     steps: int = 0
     blocks_computed: int = 0
     blocks_skipped: int = 0
@@ -51,7 +53,7 @@ class GenerationStats:
     def to_dict(self) -> dict:
         sections = self.live() if self.live is not None else self.methods
         return {
-            "stream": self.stream, "generation": self.generation, "steps": self.steps,
+            "stream": self.stream, "name": self.name, "generation": self.generation, "steps": self.steps,
             "blocks_computed": self.blocks_computed, "blocks_skipped": self.blocks_skipped, **sections,
         }
 
@@ -60,7 +62,8 @@ class GenerationStats:
 class StreamState:
     """One stream of calls: its clock position and each hook's state for the current generation."""
 
-    index: int
+    index: int  # order of first appearance: 0 is the stream that leads at each timestep
+    name: str | None = None
     generation: int = -1
     step: int = -1  # index of the current call within its generation
     last_t: float | None = None
@@ -73,18 +76,22 @@ class StepClock:
     """Assigns each call to a stream and a step; starts generations."""
 
     def __init__(self):
-        self.streams: dict[int, StreamState] = {}
+        self.streams: dict[int | str, StreamState] = {}
         self._prev_t: float | None = None
         self._call_index = 0
         self.finished: list[GenerationStats] = []
 
-    def observe(self, t: float | None) -> StreamState:
+    def observe(self, t: float | None, name: str | None = None) -> StreamState:
+        """The stream of a call at timestep `t`, run in the cache context `name` (None: outside one)."""
         if t is not None and t == self._prev_t:
             self._call_index += 1
         else:
             self._call_index = 0
         self._prev_t = t
-        stream = self.streams.setdefault(self._call_index, StreamState(self._call_index))
+        key = self._call_index if name is None else name
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = self.streams[key] = StreamState(len(self.streams), name)
         if stream.stats is None or (t is not None and stream.last_t is not None and t >= stream.last_t):
             self._new_generation(stream)
         stream.step += 1
@@ -102,7 +109,7 @@ class StepClock:
         stream.step = -1
         stream.timesteps = []
         stream.state = {}
-        stream.stats = GenerationStats(stream.index, stream.generation)
+        stream.stats = GenerationStats(stream.index, stream.generation, stream.name)
 
     def reset(self) -> None:
         """End every stream's generation: the next call of each starts a fresh one."""
@@ -155,8 +162,9 @@ class Call:
 class Runtime:
     """The callable the backend hands to Dynamo for one graph: runs the regions, drives the hooks."""
 
-    def __init__(self, lowered: Lowered, hooks: list[Hook], config, report: dict):
+    def __init__(self, lowered: Lowered, hooks: list[Hook], config, report: dict, context=None):
         self.lowered = lowered
+        self.context = context  # a contexts.CacheContextReader: diffusers' name of each call's stream
         self.structure = lowered.structure
         self.regions = lowered.regions
         self.template = lowered.template
@@ -203,7 +211,10 @@ class Runtime:
     def _forward(self, *args):
         self.calls += 1
         t = float(args[self.timestep_slot].reshape(-1)[0]) if self.timestep_slot is not None else None
-        stream = self.clock.observe(t)
+        name = self.context.name if self.context is not None else None
+        if name is None and self.calls == 1:
+            self.context = None  # its first call ran outside a cache context: streams are counted, always
+        stream = self.clock.observe(t, name)
         call = Call(self, stream, list(args) + [None] * max(0, self.num_slots - len(args)))
         for hook in self.hooks:
             hook.begin_call(call)

@@ -25,6 +25,45 @@ def test_clock_separates_cond_and_uncond_calls_into_streams():
     assert clock.streams[0].step == 1 and clock.streams[1].step == 1
 
 
+def test_clock_names_streams_by_cache_context_whatever_the_call_order():
+    clock = StepClock()
+    order = [(900.0, "cond"), (900.0, "uncond"), (800.0, "uncond"), (800.0, "cond"), (700.0, "cond")]
+    seen = [(clock.observe(t, name).name, clock.streams[name].step) for t, name in order]
+    assert seen == [("cond", 0), ("uncond", 0), ("uncond", 1), ("cond", 1), ("cond", 2)]
+    assert clock.streams["cond"].index == 0 and clock.streams["uncond"].index == 1
+
+
+def test_streams_come_from_diffusers_cache_context():
+    """A Wan transformer called cond / uncond in an order that changes each step: each named stream
+    takes the decisions it takes when it is called alone, which counting calls cannot give."""
+    from ditopt.harness import models
+
+    case = models.build("wan")
+    options = {"lowering": "eager", "adacache": {"codebook": {0.5: 2, 1e9: 3}, "joint_streams": False}}
+    cond, uncond = case.inputs(1), case.inputs(1)
+    uncond["encoder_hidden_states"] = torch.zeros_like(uncond["encoder_hidden_states"])
+
+    def loop(fn, streams, model=case.model):
+        outs = {name: [] for name, _ in streams}
+        with torch.no_grad():
+            for i, t in enumerate(torch.linspace(999, 0, 8)):
+                for name, inputs in (streams if i % 2 == 0 else streams[::-1]):
+                    with model.cache_context(name):
+                        outs[name].append(models.call(fn, {**inputs, "timestep": t.reshape(1)}))
+        return outs
+
+    both = loop(torch.compile(case.model, backend="ditopt", options=options), [("cond", cond), ("uncond", uncond)])
+    gens = ditopt.stats(case.model)["generations"]
+    assert sorted(g["name"] for g in gens) == ["cond", "uncond"] and all(g["steps"] == 8 for g in gens)
+    assert any(g["blocks_skipped"] > 0 for g in gens)
+    torch._dynamo.reset()
+    alone = models.build("wan").model  # the same weights
+    for name, inputs in [("cond", cond), ("uncond", uncond)]:
+        ref = loop(torch.compile(alone, backend="ditopt", options=options), [(name, inputs)], alone)[name]
+        assert all(torch.equal(a, b) for a, b in zip(both[name], ref)), name
+        ditopt.reset(alone)
+
+
 def test_clock_starts_a_generation_when_timestep_does_not_decrease():
     clock = StepClock()
     for t in (900.0, 500.0, 100.0, 900.0, 500.0):
