@@ -9,8 +9,8 @@ importing ditopt is not needed to use it.
 
 from . import contexts  # noqa: F401  (records diffusers' cache_context names from the start)
 from .config import Config, preset_config
-from .pipelines import apply
+from .pipelines import apply, calibrate
 from .runtime import explain, generation, reset, stats
 
 __version__ = "0.1.0"
-__all__ = ["Config", "apply", "preset_config", "explain", "generation", "reset", "stats", "__version__"]
+__all__ = ["Config", "apply", "calibrate", "preset_config", "explain", "generation", "reset", "stats", "__version__"]

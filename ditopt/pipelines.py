@@ -32,3 +32,28 @@ def apply(pipe: Any, preset: str = "balanced", options: dict | None = None, comp
                          f"{list(components)}); compile the denoiser yourself with "
                          "torch.compile(model, backend='ditopt')")
     return pipe
+
+
+def calibrate(pipe: Any, target_speedup: float, component: str = "transformer", **call_kwargs) -> dict:
+    """An AdaCache codebook for this pipeline, from one full-compute generation of `pipe(**call_kwargs)`.
+
+        result = ditopt.calibrate(pipe, 2.0, prompt="a red fox", num_inference_steps=30)
+        pipe = ditopt.apply(pipe, options={"adacache": {"codebook": result["codebook"]}})
+
+    Returns {"codebook", "predicted_speedup", "metrics"} (ditopt.passes.adacache.calibrate); the
+    pipeline's transformer is left as it was.  Calibrate on prompts and seeds other than the ones you
+    judge the result on."""
+    from ditopt.passes.adacache import calibrate as calibrate_model
+
+    model = getattr(pipe, component, None)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"ditopt.calibrate: {type(pipe).__name__} has no module {component!r}")
+
+    def generate(compiled):
+        setattr(pipe, component, compiled)
+        try:
+            pipe(**call_kwargs)
+        finally:
+            setattr(pipe, component, model)
+
+    return calibrate_model(getattr(model, "_orig_mod", model), generate, target_speedup)

@@ -101,6 +101,10 @@ class StepClock:
         stream.stats.steps += 1
         return stream
 
+    def stream(self, index: int) -> StreamState:
+        """The stream that appeared `index`-th (0: the one that leads at each timestep)."""
+        return next(s for s in self.streams.values() if s.index == index)
+
     def _new_generation(self, stream: StreamState) -> None:
         if stream.stats is not None:
             stream.stats.freeze()

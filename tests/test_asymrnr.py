@@ -383,6 +383,7 @@ def test_unsupported_schedule_inputs_are_refused_clearly():
 
 
 @pytest.mark.inductor
+@pytest.mark.slow
 def test_inductor_lowering_matches_eager_lowering_under_reduction():
     case = build("cogvideox")
     inputs = case.inputs(batch=2)
@@ -415,7 +416,7 @@ def test_each_block_and_feature_draws_its_own_split():
     _loop(case.inputs(batch=1), 2, fn)
     (rt,) = ditopt.runtime.runtimes_of(case.model)
     (planner,) = rt.hooks
-    state = rt.clock.streams[0].state[planner.name]
+    state = rt.clock.stream(0).state[planner.name]
     splits = [tuple(m.dst.tolist()) for m in state.matches.values()]
     assert len(splits) == 4  # 2 blocks x (q, kv)
     assert len(set(splits)) == len(splits)  # no two share a split

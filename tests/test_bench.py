@@ -9,6 +9,7 @@ import torch
 from ditopt.harness import bench, fixture, models
 
 
+@pytest.mark.slow
 def test_bench_measures_every_configuration_and_writes_json(tmp_path):
     case = models.build("wan")
     generate = bench.euler_loop(case.inputs(1, 0), 6, "hidden_states", models.call)

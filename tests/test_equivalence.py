@@ -32,7 +32,8 @@ def test_lossless_equals_eager_eager_lowering(family):
 
 
 @pytest.mark.inductor
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f if f in ("wan", "stdit") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in FAMILIES])  # two families by default, every one with --all
 def test_lossless_equals_eager_inductor(family):
     _, expected, actual = _run(family, "inductor")
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The shipped fixture loads offline and its samples carry the prompt: its colour and its direction of motion."""
 
+import pytest
 import torch
 
 from ditopt.harness import fixture
@@ -22,6 +23,7 @@ def test_fixture_samples_show_the_prompted_colour_and_no_other():
     assert hits >= 7, f"only {hits} of {len(prompts)} samples show their prompt's colour alone"
 
 
+@pytest.mark.slow
 def test_fixture_samples_move_the_prompted_direction():
     # chance is 1/4 for the direction and 1/2 for its axis (vertical or horizontal)
     model = fixture.load_fixture()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -59,6 +59,7 @@ def _inputs(b, h, n, m, d, mask, dtype, seed):
 @given(b=st.integers(1, 2), h=st.integers(1, 3), n=st.integers(1, 12), m=st.integers(1, 12), d=st.integers(1, 16),
        scale_at=st.sampled_from(["q", "mul", "div", "none"]), mask=st.sampled_from(["none", "additive", "boolean"]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), dim_name=st.booleans(), seed=st.integers(0, 99))
+@example(b=2, h=2, n=8, m=6, d=11, scale_at="none", mask="additive", dtype=torch.bfloat16, dim_name=False, seed=57)
 def test_hand_written_attention_becomes_one_sdpa_node_with_the_same_result(b, h, n, m, d, scale_at, mask, dtype,
                                                                            dim_name, seed):
     model = HandWritten(scale_at, mask, upcast=dtype != torch.float32, dim_name=dim_name).eval()
@@ -73,8 +74,13 @@ def test_hand_written_attention_becomes_one_sdpa_node_with_the_same_result(b, h,
     assert len(report["rewritten"]) == 1 and report["declined"] == []
     assert [n for n in gm.graph.nodes if is_call(n, normalize_attention.SOFTMAX)] == []
     assert len([n for n in gm.graph.nodes if is_call(n, SDPA_TARGETS)]) == 1
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert torch.allclose(after.float(), before.float(), atol=tol, rtol=tol)
+    if dtype == torch.float32:
+        assert torch.allclose(after, before, atol=1e-5, rtol=1e-5)
+    else:  # bf16: SDPA rounds elsewhere than the hand-written ops; it must be as close to exact as they are
+        exact = HandWritten(scale_at, mask, upcast=False, dim_name=dim_name).eval()(
+            *(x.double() if x.is_floating_point() else x for x in inputs.values()))
+        err_after, err_before = ((y.double() - exact).abs().max() for y in (after, before))
+        assert err_after <= 2 * err_before + 2 ** -8, (err_after, err_before)
 
 
 def _declined(model, inputs):

@@ -197,3 +197,28 @@ def test_apply_compiles_a_pipelines_transformer_with_checked_options():
         out = models.call(pipe.transformer, case.inputs(1))
         assert torch.equal(out, models.call(case.model, case.inputs(1)))
     assert len(ditopt.stats(case.model)["generations"]) == 1
+
+
+def test_calibrate_a_pipeline_from_its_own_call_and_leave_it_as_it_was():
+    from ditopt.harness import models
+
+    case = models.build("wan")
+
+    class Pipe:  # the part of a diffusers pipeline calibrate relies on: a transformer, called by __call__
+        transformer = case.model
+
+        def __call__(self, num_inference_steps):
+            inputs = case.inputs(1)
+            with torch.no_grad():
+                for t in torch.linspace(999, 0, num_inference_steps):
+                    with self.transformer.cache_context("cond"):
+                        out = models.call(self.transformer, {**inputs, "timestep": t.reshape(1)})
+                    inputs["hidden_states"] = inputs["hidden_states"] - out / num_inference_steps
+
+    pipe = Pipe()
+    result = ditopt.calibrate(pipe, 2.0, num_inference_steps=12)
+    assert pipe.transformer is case.model
+    assert len(result["metrics"]) == 12 and 1.5 <= result["predicted_speedup"] <= 2.5
+    assert all(isinstance(k, float) and v >= 1 for k, v in result["codebook"].items())
+    with pytest.raises(ValueError, match="has no module"):
+        ditopt.calibrate(pipe, 2.0, component="unet")

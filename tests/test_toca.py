@@ -220,7 +220,7 @@ def test_cache_after_a_partial_step_holds_new_rows_where_selected_and_old_rows_e
     def snapshot(step):
         if step == 2:  # after step 1, the first partial step
             planner = runtimes_of(case.model)[0]
-            state = planner.clock.streams[0].state["toca"]
+            state = planner.clock.stream(0).state["toca"]
             snapshots.update({s.block: (state.sites[s.id].cache.clone(), state.sites[s.id].rows.clone())
                               for ss in planner.hooks[0].sites.values() for s in ss if s.kind == "mlp"})
 
@@ -278,6 +278,7 @@ def test_partial_steps_count_fewer_flops():
 
 
 @pytest.mark.inductor
+@pytest.mark.slow
 def test_inductor_lowering_matches_eager_lowering_with_partial_steps():
     case = build("wan")
     inputs = case.inputs(batch=2)
