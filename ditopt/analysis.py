@@ -262,6 +262,17 @@ def _attention_nodes(nodes: list[fx.Node], tokens: set[int]) -> list[fx.Node]:
     return [n for n in nodes if _matches(n, SDPA_TARGETS) or is_linear_attention(n, tokens)]
 
 
+_PARALLEL_HOOKS = ("diffusers/hooks/context_parallel.py",)
+
+
+def is_parallel_plumbing(node: fx.Node) -> bool:
+    """A node that a context-parallel wrapper traced around a module, not the module itself: diffusers'
+    split of a block's input into this rank's shard (its pre-forward hook runs inside the block's call)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = [line for line in trace.splitlines() if line.strip().startswith("File ")]
+    return bool(frames) and any(h in frames[-1] for h in _PARALLEL_HOOKS)
+
+
 def _find_blocks(graph: fx.Graph, layout: TokenLayout) -> list[tuple[str, str, list[fx.Node]]]:
     nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     attention_blocks = {bp for n in _attention_nodes(nodes, _token_counts(layout)) if (bp := _block_path_of(n))}
@@ -283,7 +294,7 @@ def _find_blocks(graph: fx.Graph, layout: TokenLayout) -> list[tuple[str, str, l
     order: list[str] = []
     for n in nodes:
         bp = _block_path_of(n)
-        if bp is None or bp not in attention_blocks:
+        if bp is None or bp not in attention_blocks or is_parallel_plumbing(n):
             continue
         path, type_name = bp
         if path not in members:

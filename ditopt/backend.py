@@ -21,6 +21,7 @@ from .analysis import UnsupportedGraph
 from .config import Config
 from .export import Exporter
 from .lowering import compile_graph, lower
+from .parallel import rank_group
 from .runtime import Fallback, Runtime, register
 from .shapes import ShapeDispatcher, is_dynamic
 
@@ -37,6 +38,9 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
     from ditopt.passes import run_pipeline
 
     config = Config.from_options(options, mode)
+    group = rank_group(gm)  # context parallelism: the ranks that must take the same decisions
+    if group is not None:
+        group.agree("ditopt options", {k: v for k, v in config.to_dict().items() if k != "export_dir"})
     if is_dynamic(gm):  # symbolic sizes: one static specialisation per concrete shape, at call time
         dispatcher = ShapeDispatcher(gm, lambda concrete, inputs: _compile(concrete, inputs, options, mode, context),
                                      lambda: compile_graph(gm, list(example_inputs), config), _warn_once)
@@ -64,7 +68,7 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
                        f"it does nothing in this graph")
         else:
             hooks.append(hook)
-    runtime = Runtime(lowered, hooks, config, reports, context)
+    runtime = Runtime(lowered, hooks, config, reports, context, group)
     register(runtime, example_inputs)
     exporter.lowered(lowered.regions)
     exporter.write_report(

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .config import Config
+from .parallel import check_split, prime_context_parallel
 
 COMPONENTS = ("transformer", "transformer_2")  # Wan 2.2 has a second, low-noise transformer
 
@@ -25,6 +26,8 @@ def apply(pipe: Any, preset: str = "balanced", options: dict | None = None, comp
     for name in components:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
+            check_split(module)
+            prime_context_parallel(module)
             setattr(pipe, name, torch.compile(module, backend="ditopt", options=settings))
             found.append(name)
     if not found:

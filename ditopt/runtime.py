@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-
 import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .lowering import Lowered, Region, VariantCache, fill_template
 from .method import Hook
@@ -152,6 +152,12 @@ class Call:
             states[hook.name] = hook.new_state()
         return states[hook.name]
 
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the context-parallel ranks (unchanged in one process): a decision's metric
+        sums go through here, once per step, so that every rank decides from the same numbers."""
+        group = self.runtime.group
+        return values if group is None else group.all_sum(values)
+
     def free(self, slots) -> None:
         for s in slots:
             self.values[s] = None
@@ -166,8 +172,9 @@ class Call:
 class Runtime:
     """The callable the backend hands to Dynamo for one graph: runs the regions, drives the hooks."""
 
-    def __init__(self, lowered: Lowered, hooks: list[Hook], config, report: dict, context=None):
+    def __init__(self, lowered: Lowered, hooks: list[Hook], config, report: dict, context=None, group=None):
         self.lowered = lowered
+        self.group = group  # a parallel.RankGroup under context parallelism: decisions read reduced metrics
         self.context = context  # a contexts.CacheContextReader: diffusers' name of each call's stream
         self.structure = lowered.structure
         self.regions = lowered.regions
@@ -203,13 +210,20 @@ class Runtime:
             return self._forward(*args)
         from torch.utils.flop_counter import FlopCounterMode
 
-        counter = FlopCounterMode(display=False)
-        with counter:
+        counter, collectives = FlopCounterMode(display=False), _CollectiveCounter()
+        before = self.group.collectives if self.group is not None else 0
+        with counter, collectives:
             out = self._forward(*args)
         attention = attention_flops(counter)
+        if self.group is not None:  # ditopt's own all-reduces of decision sums
+            n = self.group.collectives - before
+            collectives.add("ditopt all_reduce (decision sums)", n, n * self.group.last_bytes)
         for tally in _FLOP_TALLIES:
             tally.flops += counter.get_total_flops()
             tally.attention += attention
+            for op, (calls, size) in collectives.ops.items():
+                c, b = tally.collectives.get(op, (0, 0))
+                tally.collectives[op] = (c + calls, b + size)
         return out
 
     def _forward(self, *args):
@@ -277,6 +291,8 @@ class Runtime:
             "regions": len(self.regions),
             "methods": [h.name for h in self.hooks],
             "compiled_variants": len(self.variants.variants),
+            **({"context_parallel": {"ranks": self.group.size, "rank": self.group.rank,
+                                     "decision_all_reduces": self.group.collectives}} if self.group else {}),
             "compile_seconds": round(self.variants.compile_seconds, 3),
             "generations": [g.to_dict() for g in self.clock.all_stats()],
         }
@@ -325,6 +341,28 @@ _RUNTIME_IDS = itertools.count()
 class FlopTally:
     flops: int = 0
     attention: int = 0  # of which in attention cores (scaled-dot-product ops)
+    collectives: dict[str, tuple[int, int]] = field(default_factory=dict)  # op -> (calls, bytes of results)
+
+
+class _CollectiveCounter(TorchDispatchMode):
+    """Counts the functional collectives (context parallelism's all-to-alls and gathers) and their bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, tuple[int, int]] = {}
+
+    def add(self, op: str, calls: int, size: int) -> None:
+        if calls:
+            c, b = self.ops.get(op, (0, 0))
+            self.ops[op] = (c + calls, b + size)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "_c10d_functional" and not func.__name__.startswith("wait_tensor"):
+            results = out if isinstance(out, (list, tuple)) else [out]
+            self.add(func.__name__.split(".")[0], 1,
+                     sum(t.numel() * t.element_size() for t in results if isinstance(t, torch.Tensor)))
+        return out
 
 
 def attention_flops(counter) -> int:

@@ -137,8 +137,20 @@ def in_last_steps(last_steps: int, num_steps: int | None, step: int, timesteps: 
 
 
 def relative_l1(current: Tensor, cached: Tensor) -> Tensor:
+    num, den = relative_l1_sums(current, cached)
+    return num / den.clamp_min(1e-12)
+
+
+def relative_l1_sums(current: Tensor, cached: Tensor) -> Tensor:
+    """[|current - cached|_1, |cached|_1]: sums, so that ranks holding shards of a sequence can add theirs
+    (Call.all_sum) before dividing."""
     cur, old = current.float(), cached.float()
-    return (cur - old).abs().sum() / old.abs().sum().clamp_min(1e-12)
+    return torch.stack([(cur - old).abs().sum(), old.abs().sum()])
+
+
+def ratio(sums: Tensor) -> Tensor:
+    """num / den of relative_l1_sums (or motion sums), along the last axis."""
+    return sums[..., 0] / sums[..., 1].clamp_min(1e-12)
 
 
 # ---------------------------------------------------------------------------

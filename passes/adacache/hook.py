@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..skipping import SkipHook, guarded_spans, in_last_steps, plan_spans, probe_slots, relative_l1
+from ..skipping import SkipHook, guarded_spans, in_last_steps, plan_spans, probe_slots, ratio, relative_l1_sums
 from .config import AdaCacheConfig
 
 NAME = "adacache"
@@ -45,12 +45,24 @@ def next_rate(metric: float, codebook: dict) -> int:
     return codebook[thresholds[min(i, len(thresholds) - 1)]]
 
 
-def motion_score(residual: torch.Tensor, frames: int) -> torch.Tensor:
+def motion_score(residual: torch.Tensor, frames: int, frame_tokens: int | None = None) -> torch.Tensor:
     """The reference's single ratio over the frame-shifted residual, frames as contiguous token groups:
     |r[1:] - r[:-1]|_1 / (|r[1:]|_1 + |r[:-1]|_1), every frame pair and batch element summed together."""
-    r = residual.float().reshape(residual.shape[0], frames, -1)
-    diff = (r[:, 1:] - r[:, :-1]).abs().sum()
-    return diff / (r[:, 1:].abs().sum() + r[:, :-1].abs().sum()).clamp_min(1e-12)
+    return ratio(motion_sums(residual, frames, frame_tokens))
+
+
+def motion_sums(residual: torch.Tensor, frames: int, frame_tokens: int | None = None) -> torch.Tensor:
+    """[numerator, denominator] of motion_score.  A residual that holds only a rank's shard of the
+    video tokens (context parallelism; `frame_tokens` = H x W tokens per frame) pairs each token with the
+    one a frame later within the shard: the pairs that straddle two ranks' shards are left out."""
+    b = residual.shape[0]
+    if frame_tokens and residual.dim() >= 3 and residual.shape[1] < frames * frame_tokens:
+        r = residual.float().reshape(b, residual.shape[1], -1)
+        later, earlier = r[:, frame_tokens:], r[:, :-frame_tokens]
+    else:
+        r = residual.float().reshape(b, frames, -1)
+        later, earlier = r[:, 1:], r[:, :-1]
+    return torch.stack([(later - earlier).abs().sum(), later.abs().sum() + earlier.abs().sum()])
 
 
 def moreg_factor(motion: float, prev_motion: float | None, prev_rate: int, in_window: bool) -> tuple[float, float]:
@@ -89,9 +101,10 @@ class _StreamAdaState:
 class AdaCachePolicy:
     """One shared schedule for all spans of a stream, decided from the probe's change."""
 
-    def __init__(self, cfg: AdaCacheConfig, frames: int | None, names: list[str]):
+    def __init__(self, cfg: AdaCacheConfig, frames: int | None, names: list[str], frame_tokens: int | None = None):
         self.cfg = cfg
         self.frames = frames
+        self.frame_tokens = frame_tokens
         self.names = names  # the probes averaged into the metric
         self._lead: tuple[int, bool] | None = None  # (step, skip) of stream 0's latest call
 
@@ -127,14 +140,16 @@ class AdaCachePolicy:
             return
         rate, metric = 1, None
         if st.cached_probe is not None:
-            values = [sum(relative_l1(p, c) for p, c in zip(now, st.cached_probe)) / len(now) / st.prev_rate]
+            sums = [relative_l1_sums(p, c) for p, c in zip(now, st.cached_probe)]
             if self.cfg.moreg:
-                values.append(sum(motion_score(p, self.frames) for p in now) / len(now))
-            read = torch.stack(values).tolist()  # the one host read of this step
-            metric = read[0]
+                sums += [motion_sums(p, self.frames, self.frame_tokens) for p in now]
+            # Summed over the context-parallel ranks first (a no-op in one process): one collective a step.
+            ratios = ratio(call.all_sum(torch.stack(sums))).tolist()  # the one host read of this step
+            k = len(now)
+            metric = sum(ratios[:k]) / k / st.prev_rate
             if self.cfg.moreg:
                 lo, hi = self.cfg.moreg_window
-                factor, st.prev_motion = moreg_factor(read[1], st.prev_motion, st.prev_rate,
+                factor, st.prev_motion = moreg_factor(sum(ratios[k:]) / k, st.prev_motion, st.prev_rate,
                                                       lo <= self._progress(call) <= hi)
                 metric *= factor
             rate = next_rate(metric, self.cfg.codebook)
@@ -171,4 +186,5 @@ def make_hook(cfg: AdaCacheConfig, lowered) -> SkipHook | str:
         raise ValueError("ditopt: adacache.moreg needs video with more than one latent frame and a known "
                          f"F x H x W grid; this model's grid is {grid}. Set adacache.moreg=False.")
     names = sorted({name.split(":")[0] for at in probes.values() for name, _ in at})
-    return SkipHook(NAME, AdaCachePolicy(cfg, frames, names), spans, probes)
+    frame_tokens = grid[1] * grid[2] if grid else None
+    return SkipHook(NAME, AdaCachePolicy(cfg, frames, names, frame_tokens), spans, probes)

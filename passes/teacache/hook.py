@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from ..skipping import SkipHook, guarded_spans, in_last_steps, plan_spans, probe_slots, relative_l1
+from ..skipping import (SkipHook, guarded_spans, in_last_steps, plan_spans, probe_slots, ratio,
+                        relative_l1_sums)
 from .config import TeaCacheConfig
 
 NAME = "teacache"
@@ -74,7 +75,7 @@ class TeaCachePolicy:
         current = probes.get("modulated_input")
         change = None
         if current is not None and st.previous is not None:
-            change = float(relative_l1(current, st.previous))  # the one host read of this step
+            change = float(ratio(call.all_sum(relative_l1_sums(current, st.previous))))  # this step's host read
         if current is not None:
             st.previous = current.detach()
         st.changes.append(change)
