@@ -157,6 +157,21 @@ def ratio(sums: Tensor) -> Tensor:
 # the runtime part
 
 
+def extrapolation_weights(ts: list[float], t: float) -> list[float] | None:
+    """Lagrange weights w_j with sum_j w_j f(ts[j]) = p(t), p the polynomial through the points
+    (degree len(ts) - 1); None when two timesteps coincide."""
+    if len(set(ts)) < len(ts):
+        return None
+    weights = []
+    for j, tj in enumerate(ts):
+        w = 1.0
+        for m, tm in enumerate(ts):
+            if m != j:
+                w *= (t - tm) / (tj - tm)
+        weights.append(w)
+    return weights
+
+
 class Policy(Protocol):
     """Decides, for one stream, which spans to skip at this call."""
 
@@ -187,6 +202,7 @@ class SpanPlan:
 class SkipState:
     policy: Any
     residuals: dict[int, list[Tensor]] = field(default_factory=dict)  # span -> cached residual per stream
+    history: dict[int, list[tuple[float, list[Tensor]]]] = field(default_factory=dict)  # span -> (t, residuals)
     inputs: dict[int, list[Tensor]] = field(default_factory=dict)  # span -> this call's inputs
     probes: dict[str, Tensor] = field(default_factory=dict)
 
@@ -225,9 +241,11 @@ def guarded_spans(lowered, method: str) -> list[Span]:
 class SkipHook(Hook):
     """Runs a method's skip decisions on the guarded spans of one graph."""
 
-    def __init__(self, name: str, policy: Policy, spans: list[SpanPlan], probes: dict[int, list[tuple[str, int]]]):
+    def __init__(self, name: str, policy: Policy, spans: list[SpanPlan], probes: dict[int, list[tuple[str, int]]],
+                 forecast: int = 0):
         self.name = name
         self.policy = policy
+        self.forecast = forecast  # 0: a skipped span replays its last residual; 1, 2: extrapolates it
         self.spans = spans
         self._entry = {s.first: s for s in spans}
         self._decide = {s.decide_at: s for s in spans}
@@ -253,7 +271,7 @@ class SkipHook(Hook):
         wants = self.policy.should_skip(call, st.policy, span, st.probes)  # the policy sees every step
         if not wants or span.id not in st.residuals:
             return None
-        for (_, dst), x, residual in zip(span.streams, st.inputs.pop(span.id), st.residuals[span.id]):
+        for (_, dst), x, residual in zip(span.streams, st.inputs.pop(span.id), self._residuals(st, span.id, call.t)):
             call.values[dst] = x + residual
         call.free(span.free_after)
         return span.last + 1
@@ -265,12 +283,29 @@ class SkipHook(Hook):
         span = self._exit.get(index)
         if span is not None and span.id in st.inputs:
             st.residuals[span.id] = [call.values[dst] - x for (_, dst), x in zip(span.streams, st.inputs.pop(span.id))]
+            if self.forecast and call.t is not None:
+                kept = st.history.setdefault(span.id, [])
+                kept.append((call.t, st.residuals[span.id]))
+                del kept[:-(self.forecast + 1)]
         return None
+
+    def _residuals(self, st: SkipState, span: int, t: float | None) -> list[Tensor]:
+        """What a skipped span adds to its inputs: the last computed residual, or (forecast) the polynomial
+        through the last forecast + 1 computed ones, in the timestep, evaluated at this step's t."""
+        points = st.history.get(span, [])
+        if not self.forecast or t is None or len(points) < 2:
+            return st.residuals[span]
+        weights = extrapolation_weights([tp for tp, _ in points], t)
+        if weights is None:
+            return st.residuals[span]
+        return [sum(w * r[i] for w, (_, r) in zip(weights, points)) for i in range(len(points[-1][1]))]
 
     def end_call(self, call) -> None:
         st = call.state(self)
         self.policy.end_call(call, st.policy, st.probes)
 
     def stats(self, state: SkipState) -> dict:
-        cache = sum(t.numel() * t.element_size() for ts in state.residuals.values() for t in ts)
+        kept = {id(t): t for ts in state.residuals.values() for t in ts}
+        kept.update({id(t): t for points in state.history.values() for _, ts in points for t in ts})
+        cache = sum(t.numel() * t.element_size() for t in kept.values())
         return {**self.policy.stats(state.policy), "cache_mb": round(cache / 2**20, 3)}

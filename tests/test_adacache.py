@@ -99,6 +99,38 @@ def test_skipped_step_output_is_input_plus_cached_residual():
     torch.testing.assert_close(skipped, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_forecast_extrapolates_the_residual_in_the_timestep():
+    """forecast=1: a skipped step adds the line through the last two computed residuals, at its own t."""
+    model = _stdit(depth=2)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    compiled = compile_ditopt(model, adacache={"codebook": ALWAYS_SKIP, "last_steps": 0, "forecast": 1})
+    ts = [torch.tensor([900.0]), torch.tensor([800.0]), torch.tensor([600.0])]
+    with torch.no_grad():
+        compiled(x, ts[0], y)
+        compiled(x, ts[1], y)
+        skipped = compiled(x, ts[2], y)
+        r900, r800 = ((lambda b: b[1] - b[0])(_blocks(model, x, t, y)) for t in ts[:2])
+        residual = r800 + (r800 - r900) * (600.0 - 800.0) / (800.0 - 900.0)
+        expected = _head(model, x, ts[2], _blocks(model, x, ts[2], y)[0] + residual)
+    assert ditopt.stats(model)["generations"][0]["adacache"]["decisions"] == "CCS"
+    torch.testing.assert_close(skipped, expected, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(degree=st.integers(1, 2), coefficients=st.lists(st.floats(-3, 3), min_size=3, max_size=3),
+       gaps=st.lists(st.floats(1, 100), min_size=3, max_size=3), ahead=st.floats(1, 200))
+def test_extrapolation_weights_reproduce_polynomials_of_their_degree(degree, coefficients, gaps, ahead):
+    from ditopt.passes.skipping import extrapolation_weights
+
+    ts = [1000.0 - sum(gaps[:i]) for i in range(degree + 1)]  # decreasing, as a sampler's timesteps
+    t = ts[-1] - ahead
+    p = lambda s: sum(c * (s / 1000) ** k for k, c in enumerate(coefficients[:degree + 1]))  # noqa: E731
+    weights = extrapolation_weights(ts, t)
+    assert sum(weights) == pytest.approx(1.0)
+    assert sum(w * p(s) for w, s in zip(weights, ts)) == pytest.approx(p(t), abs=1e-6 * max(1, *map(abs, weights)))
+    assert extrapolation_weights([5.0, 5.0], 1.0) is None
+
+
 def _blocks(model, x, t, y):
     """(hidden states entering the first block, leaving the last block) of an STDiT call."""
     from ditopt.harness.stdit import timestep_embedding

@@ -187,4 +187,4 @@ def make_hook(cfg: AdaCacheConfig, lowered) -> SkipHook | str:
                          f"F x H x W grid; this model's grid is {grid}. Set adacache.moreg=False.")
     names = sorted({name.split(":")[0] for at in probes.values() for name, _ in at})
     frame_tokens = grid[1] * grid[2] if grid else None
-    return SkipHook(NAME, AdaCachePolicy(cfg, frames, names, frame_tokens), spans, probes)
+    return SkipHook(NAME, AdaCachePolicy(cfg, frames, names, frame_tokens), spans, probes, cfg.forecast)

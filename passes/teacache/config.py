@@ -17,6 +17,9 @@ class TeaCacheConfig:
     first_steps: int = 2
     last_steps: int = 2
     num_steps: int | None = None  # steps per generation, if known; otherwise read from the timesteps
+    # A skipped span adds its last computed residual (0), or extrapolates it in the timestep from the
+    # last 2 (1: linear) or 3 (2: quadratic) computed steps, in the manner of TaylorSeer / FoCa.
+    forecast: int = 0
 
     def validate(self) -> None:
         if self.threshold <= 0:
@@ -27,3 +30,6 @@ class TeaCacheConfig:
             raise ValueError("ditopt: teacache.first_steps must be >= 1 and last_steps >= 0")
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError("ditopt: teacache.num_steps must be a positive number of steps or None")
+        if self.forecast not in (0, 1, 2):
+            raise ValueError(f"ditopt: teacache.forecast must be 0 (replay), 1 (linear) or 2 (quadratic), "
+                             f"got {self.forecast!r}")

@@ -105,4 +105,4 @@ def make_hook(cfg: TeaCacheConfig, lowered) -> SkipHook | str:
     spans = plan_spans(lowered, guarded_spans(lowered, NAME))
     if not spans:
         return "no guarded span of blocks is left in the lowered graph"
-    return SkipHook(NAME, TeaCachePolicy(cfg), spans, probe_slots(lowered, NAME))
+    return SkipHook(NAME, TeaCachePolicy(cfg), spans, probe_slots(lowered, NAME), cfg.forecast)
