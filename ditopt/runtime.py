@@ -446,7 +446,7 @@ def explain(model: torch.nn.Module) -> str:
     if not s["graphs"]:
         return "ditopt has compiled no graph of this model yet (call the compiled model first)."
     lines.append(f"{len(s['graphs']) - len(dynamic)} graph(s) compiled: {len(accelerated)} accelerated, "
-                 f"{len(s['fallbacks'])} with plain Inductor.")
+                 f"{len(s['fallbacks'])} compiled unchanged (no acceleration).")
     for g in dynamic:
         lines.append(f"  a graph with symbolic sizes, specialised for {g['shapes_specialised']} input shape(s)")
     for reason in dict.fromkeys(s["fallbacks"]):
@@ -454,10 +454,16 @@ def explain(model: torch.nn.Module) -> str:
     for g in accelerated:
         lines.append(f"  {g['blocks']} blocks in {g['regions']} regions, {g['compiled_variants']} compiled "
                      f"variants; methods on: {', '.join(g['methods']) or 'none (lossless)'}")
+    for g in accelerated[-1:]:
+        if "context_parallel" in g:
+            cp = g["context_parallel"]
+            lines.append(f"  context parallel: rank {cp['rank']} of {cp['ranks']}; decisions read metrics all-reduced "
+                         f"over the ranks ({cp['decision_all_reduces']} all-reduces so far)")
     if s["generations"]:
         g = s["generations"][-1]
         calls = g["blocks_computed"] + g["blocks_skipped"]
-        lines.append(f"last generation (stream {g['stream']}): {g['steps']} steps, {g['blocks_computed']} of "
+        stream = f"stream {g['stream']}" + (f", {g['name']!r}" if g.get("name") else "")
+        lines.append(f"last generation ({stream}): {g['steps']} steps, {g['blocks_computed']} of "
                      f"{calls} block calls computed, {g['blocks_skipped']} skipped")
         for name in accelerated[-1]["methods"] if accelerated else []:
             section = g.get(name, {})
