@@ -28,14 +28,12 @@ def collective_groups(gm: fx.GraphModule) -> list[str]:
     """The process-group names of the functional collectives in the graph, the output gathers' first."""
     gathers, others = [], []
     for node in gm.graph.nodes:
-        target = getattr(node, "target", None)
-        name = getattr(target, "__module__", "") or ""
-        qualified = str(target)
-        if node.op != "call_function" or COLLECTIVES not in qualified and COLLECTIVES not in name:
+        op = str(node.target)  # e.g. "_c10d_functional.all_to_all_single.default"
+        if node.op != "call_function" or not op.startswith(COLLECTIVES):
             continue
-        group = next((a for a in reversed(node.args) if isinstance(a, str)), None)
+        group = next((a for a in reversed(node.args) if isinstance(a, str)), None)  # the group's name
         if group is not None:
-            (gathers if "all_gather" in qualified else others).append(group)
+            (gathers if "all_gather" in op else others).append(group)
     return list(dict.fromkeys(gathers + others))
 
 
@@ -65,8 +63,10 @@ class RankGroup:
         every: list = [None] * self.size
         torch.distributed.all_gather_object(every, (digest, value), group=self.group)
         if len({d for d, _ in every}) > 1:
-            keys = sorted({k for _, v in every for k in v if len({json.dumps(w.get(k), default=str)
-                                                                     for _, w in every}) > 1})
+            def differs(key):
+                return len({json.dumps(v.get(key), sort_keys=True, default=str) for _, v in every}) > 1
+
+            keys = sorted(k for k in {k for _, v in every for k in v} if differs(k))
             raise ValueError(f"ditopt: {what} differ between the ranks of the context-parallel group "
                              f"(different {keys}); give every rank the same options, or decisions would differ "
                              "and the ranks' collectives would hang")
