@@ -90,7 +90,7 @@ class CacheContextReader:
 
 def reader_for(module: torch.nn.Module | None) -> CacheContextReader | None:
     """A reader of `module`'s diffusers cache context; None when it is not a diffusers CacheMixin."""
-    if module is None or not callable(getattr(module, "cache_context", None)) or not install():
+    if module is None or not install():
         return None
     from diffusers.models.cache_utils import CacheMixin
 

@@ -47,13 +47,13 @@ class RankGroup:
         self.group = _resolve_process_group(group_name)
         self.size = torch.distributed.get_world_size(self.group)
         self.rank = torch.distributed.get_rank(self.group)
-        self.collectives = 0  # all-reduces issued by ditopt (for stats and docs)
-        self.last_bytes = 0
+        self.collectives = 0  # all-reduces issued by ditopt, and their bytes (for stats and docs)
+        self.bytes = 0
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         """`values` summed over the ranks (in place, and returned)."""
         self.collectives += 1
-        self.last_bytes = values.numel() * values.element_size()
+        self.bytes += values.numel() * values.element_size()
         torch.distributed.all_reduce(values, group=self.group)
         return values
 

@@ -211,19 +211,19 @@ class Runtime:
         from torch.utils.flop_counter import FlopCounterMode
 
         counter, collectives = FlopCounterMode(display=False), _CollectiveCounter()
-        before = self.group.collectives if self.group is not None else 0
+        group = self.group
+        before = (group.collectives, group.bytes) if group is not None else None
         with counter, collectives:
             out = self._forward(*args)
         attention = attention_flops(counter)
-        if self.group is not None:  # ditopt's own all-reduces of decision sums
-            n = self.group.collectives - before
-            collectives.add("ditopt all_reduce (decision sums)", n, n * self.group.last_bytes)
+        if group is not None:  # ditopt's own all-reduces of decision sums
+            _add_collective(collectives.ops, "ditopt all_reduce (decision sums)", group.collectives - before[0],
+                            group.bytes - before[1])
         for tally in _FLOP_TALLIES:
             tally.flops += counter.get_total_flops()
             tally.attention += attention
             for op, (calls, size) in collectives.ops.items():
-                c, b = tally.collectives.get(op, (0, 0))
-                tally.collectives[op] = (c + calls, b + size)
+                _add_collective(tally.collectives, op, calls, size)
         return out
 
     def _forward(self, *args):
@@ -344,6 +344,12 @@ class FlopTally:
     collectives: dict[str, tuple[int, int]] = field(default_factory=dict)  # op -> (calls, bytes of results)
 
 
+def _add_collective(ops: dict[str, tuple[int, int]], op: str, calls: int, size: int) -> None:
+    if calls:
+        c, b = ops.get(op, (0, 0))
+        ops[op] = (c + calls, b + size)
+
+
 class _CollectiveCounter(TorchDispatchMode):
     """Counts the functional collectives (context parallelism's all-to-alls and gathers) and their bytes."""
 
@@ -351,17 +357,12 @@ class _CollectiveCounter(TorchDispatchMode):
         super().__init__()
         self.ops: dict[str, tuple[int, int]] = {}
 
-    def add(self, op: str, calls: int, size: int) -> None:
-        if calls:
-            c, b = self.ops.get(op, (0, 0))
-            self.ops[op] = (c + calls, b + size)
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.namespace == "_c10d_functional" and not func.__name__.startswith("wait_tensor"):
             results = out if isinstance(out, (list, tuple)) else [out]
-            self.add(func.__name__.split(".")[0], 1,
-                     sum(t.numel() * t.element_size() for t in results if isinstance(t, torch.Tensor)))
+            _add_collective(self.ops, func.__name__.split(".")[0], 1,
+                            sum(t.numel() * t.element_size() for t in results if isinstance(t, torch.Tensor)))
         return out
 
 

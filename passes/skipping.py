@@ -136,11 +136,6 @@ def in_last_steps(last_steps: int, num_steps: int | None, step: int, timesteps: 
     return remaining <= last_steps
 
 
-def relative_l1(current: Tensor, cached: Tensor) -> Tensor:
-    num, den = relative_l1_sums(current, cached)
-    return num / den.clamp_min(1e-12)
-
-
 def relative_l1_sums(current: Tensor, cached: Tensor) -> Tensor:
     """[|current - cached|_1, |cached|_1]: sums, so that ranks holding shards of a sequence can add theirs
     (Call.all_sum) before dividing."""
@@ -201,8 +196,8 @@ class SpanPlan:
 @dataclass
 class SkipState:
     policy: Any
-    residuals: dict[int, list[Tensor]] = field(default_factory=dict)  # span -> cached residual per stream
-    history: dict[int, list[tuple[float, list[Tensor]]]] = field(default_factory=dict)  # span -> (t, residuals)
+    # span -> its last computed steps, newest last (one, or forecast + 1): (t, residual per stream)
+    computed: dict[int, list[tuple[float | None, list[Tensor]]]] = field(default_factory=dict)
     inputs: dict[int, list[Tensor]] = field(default_factory=dict)  # span -> this call's inputs
     probes: dict[str, Tensor] = field(default_factory=dict)
 
@@ -269,7 +264,7 @@ class SkipHook(Hook):
         if span is None or span.id not in st.inputs:
             return None
         wants = self.policy.should_skip(call, st.policy, span, st.probes)  # the policy sees every step
-        if not wants or span.id not in st.residuals:
+        if not wants or span.id not in st.computed:
             return None
         for (_, dst), x, residual in zip(span.streams, st.inputs.pop(span.id), self._residuals(st, span.id, call.t)):
             call.values[dst] = x + residual
@@ -282,22 +277,20 @@ class SkipHook(Hook):
             st.probes[name] = call.values[slot]
         span = self._exit.get(index)
         if span is not None and span.id in st.inputs:
-            st.residuals[span.id] = [call.values[dst] - x for (_, dst), x in zip(span.streams, st.inputs.pop(span.id))]
-            if self.forecast and call.t is not None:
-                kept = st.history.setdefault(span.id, [])
-                kept.append((call.t, st.residuals[span.id]))
-                del kept[:-(self.forecast + 1)]
+            residuals = [call.values[dst] - x for (_, dst), x in zip(span.streams, st.inputs.pop(span.id))]
+            kept = st.computed.setdefault(span.id, [])
+            kept.append((call.t, residuals))
+            del kept[:-(self.forecast + 1)]
         return None
 
     def _residuals(self, st: SkipState, span: int, t: float | None) -> list[Tensor]:
         """What a skipped span adds to its inputs: the last computed residual, or (forecast) the polynomial
         through the last forecast + 1 computed ones, in the timestep, evaluated at this step's t."""
-        points = st.history.get(span, [])
-        if not self.forecast or t is None or len(points) < 2:
-            return st.residuals[span]
-        weights = extrapolation_weights([tp for tp, _ in points], t)
+        points = st.computed[span]
+        ts = [tp for tp, _ in points]
+        weights = extrapolation_weights(ts, t) if len(points) > 1 and None not in (t, *ts) else None
         if weights is None:
-            return st.residuals[span]
+            return points[-1][1]
         return [sum(w * r[i] for w, (_, r) in zip(weights, points)) for i in range(len(points[-1][1]))]
 
     def end_call(self, call) -> None:
@@ -305,7 +298,5 @@ class SkipHook(Hook):
         self.policy.end_call(call, st.policy, st.probes)
 
     def stats(self, state: SkipState) -> dict:
-        kept = {id(t): t for ts in state.residuals.values() for t in ts}
-        kept.update({id(t): t for points in state.history.values() for _, ts in points for t in ts})
-        cache = sum(t.numel() * t.element_size() for t in kept.values())
+        cache = sum(t.numel() * t.element_size() for points in state.computed.values() for _, ts in points for t in ts)
         return {**self.policy.stats(state.policy), "cache_mb": round(cache / 2**20, 3)}
