@@ -14,6 +14,7 @@ than 1e-5.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -48,6 +49,12 @@ def _size(n: float) -> str:
     return f"{n:.0f} B" if n < 1024 else f"{n / 1024:.1f} KiB"
 
 
+def _say(line: str) -> None:
+    """One write per line: the ranks share a pipe, and print's several writes can interleave between them."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
@@ -67,9 +74,10 @@ def main() -> int:
             with torch.no_grad():
                 fixture.sample(torch.compile(model, backend="ditopt", options={"preset": preset}), PROMPTS, steps=2)
         except Exception as error:  # noqa: BLE001 - Dynamo wraps the backend's ValueError
-            print(f"[rank {rank}] refused:", str(error).splitlines()[1] if "\n" in str(error) else error, flush=True)
+            reason = str(error).splitlines()[1] if "\n" in str(error) else str(error)
+            _say(f"[rank {rank}] refused: {reason}")
             return 0
-        print(f"[rank {rank}] FAIL: options that differ between ranks were accepted", flush=True)
+        _say(f"[rank {rank}] FAIL: options that differ between ranks were accepted")
         return 1
     single = {p: run(model, p, args) for p in ("lossless", "balanced")}  # every rank: the one-process reference
     enable_context_parallel(model, ulysses=world)
