@@ -23,6 +23,9 @@ from .patterns import (ACTIVATIONS, ADD_TARGETS, CATS, CONV_TARGETS, DIV_TARGETS
                        inputs, is_call, sdpa_qkv, users, walk)
 
 
+_SOFTMAX = {"softmax", torch.softmax, torch.nn.functional.softmax}
+
+
 class UnsupportedGraph(Exception):
     """The graph has no DiT structure ditopt can act on; the message says why."""
 
@@ -42,6 +45,12 @@ class AttentionSite:
     gate: fx.Node | None  # the node multiplied onto the output before the residual add
     residual_add: fx.Node | None
     branch: fx.Node | None = None  # the operand the site contributes to the residual add (gated output)
+    form: str = "sdpa"  # how the model wrote it: "sdpa", "hand-written", a library op, "sdpa_block_mask", "linear"
+
+
+def attention_form(node: fx.Node) -> str:
+    """How the model wrote the attention an SDPA node computes (the normalisation passes record it)."""
+    return node.meta.get("ditopt_form", "sdpa")
 
 
 @dataclass
@@ -102,7 +111,7 @@ class DiTStructure:
             f"blocks: {len(self.blocks)}",
         ]
         for b in self.blocks:
-            sites = [f"{a.kind}-attn[{a.axis}]({a.q_len}x{a.kv_len}, {a.heads}h)" for a in b.attention]
+            sites = [f"{a.kind}-attn[{a.axis}]({a.q_len}x{a.kv_len}, {a.heads}h, {a.form})" for a in b.attention]
             sites += [f"mlp({m.hidden})" for m in b.mlps]
             gated = sum(1 for s in [*b.attention, *b.mlps] if s.gate)
             lines.append(f"  [{b.index}] {b.path} ({b.module_type}): {', '.join(sites)}; {gated} gated residual adds")
@@ -184,7 +193,7 @@ def _find_latent(graph: fx.Graph) -> fx.Node:
     return max(candidates, key=lambda n: example(n).numel())
 
 
-def _find_timestep(graph: fx.Graph) -> fx.Node | None:
+def find_timestep(graph: fx.Graph) -> fx.Node | None:
     """The timestep input: a small data input that feeds a sinusoidal embedding (found among the
     values of rank <= 2, where an embedding of one number per sample lives)."""
     embedding = {n for n in graph.nodes if (v := example(n)) is not None and v.dim() <= 2}
@@ -273,8 +282,20 @@ def is_parallel_plumbing(node: fx.Node) -> bool:
     return bool(frames) and any(h in frames[-1] for h in _PARALLEL_HOOKS)
 
 
+def data_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose value depends on a data input (not only on weights and constants)."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if (n.op == "placeholder" and not is_weight(n)) or any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
 def _find_blocks(graph: fx.Graph, layout: TokenLayout) -> list[tuple[str, str, list[fx.Node]]]:
-    nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    # What the hoisting pass moved to the graph's head (a RoPE table the first block computes and caches for
+    # its siblings) belongs to no block.
+    nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
+             and not n.meta.get("ditopt_hoisted")]
     attention_blocks = {bp for n in _attention_nodes(nodes, _token_counts(layout)) if (bp := _block_path_of(n))}
     if not attention_blocks and _attention_nodes(nodes, _token_counts(layout)):
         raise UnsupportedGraph(
@@ -389,7 +410,7 @@ def _linear_attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set)
     gate, residual, branch = (_walk_forward_to_residual(out, block_nodes) if out is not None else (None, None, None))
     return AttentionSite(name=module_path(node) or node.name, kind="linear", axis=axis, sdpa=node, q_len=n,
                          kv_len=n, heads=heads, head_dim=head_dim, video_span=(0, n), output=out, gate=gate,
-                         residual_add=residual, branch=branch)
+                         residual_add=residual, branch=branch, form="linear")
 
 
 def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> AttentionSite:
@@ -424,7 +445,7 @@ def _attention_site(node: fx.Node, layout: TokenLayout, block_nodes: set) -> Att
     return AttentionSite(
         name=module_path(node) or node.name, kind=kind, axis=axis, sdpa=node, q_len=q_len, kv_len=kv_len,
         heads=heads, head_dim=head_dim, video_span=span, output=out,
-        gate=gate, residual_add=residual, branch=branch,
+        gate=gate, residual_add=residual, branch=branch, form=attention_form(node),
     )
 
 
@@ -475,19 +496,26 @@ def analyze(gm: fx.GraphModule) -> DiTStructure:
     graph = gm.graph
     if any(isinstance(n.meta.get("example_value"), torch.SymInt) for n in graph.nodes if n.op == "placeholder"):
         raise UnsupportedGraph("the graph has dynamic shapes (symbolic sizes); ditopt handles static shapes only")
+    if not any(_matches(n, SDPA_TARGETS | MATMUL_TARGETS | _SOFTMAX) for n in graph.nodes):
+        raise UnsupportedGraph("the graph holds no attention (no attention call, softmax or matmul): a part of the "
+                               "forward that graph breaks cut off, or not a transformer")
     latent = _find_latent(graph)
     text = _find_text(graph, latent)
     layout = _token_layout(graph, latent, text)
-    timestep = _find_timestep(graph)
+    timestep = find_timestep(graph)
     found = _find_blocks(graph, layout)
     tokens = _token_counts(layout)
+    data = data_dependent(graph)
     blocks = []
     for path, type_name, nodes in found:
         node_set = set(nodes)
         attention = [_attention_site(n, layout, node_set) for n in _attention_nodes(nodes, tokens)]
         att_modules = sorted({a.name for a in attention})
         mlps = _mlp_sites(nodes, {a.output for a in attention if a.output}, att_modules)
-        blocks.append(Block(len(blocks), path, type_name, nodes[0], nodes[-1], len(nodes), attention, mlps))
+        # Siblings are compared by their computation on data: ops on weights alone differ between otherwise equal
+        # blocks (the first temporal block slices a cached RoPE table its siblings read as it is).
+        size = sum(n in data for n in nodes)
+        blocks.append(Block(len(blocks), path, type_name, nodes[0], nodes[-1], size, attention, mlps))
     blocks, excluded = _drop_partial_blocks(blocks)
     video_blocks = [b for b in blocks if any(a.kind != "other" for a in b.attention)]
     excluded += [{"path": b.path, "reason": "attends over no video tokens (a text refiner?)"}
@@ -501,17 +529,22 @@ def analyze(gm: fx.GraphModule) -> DiTStructure:
 
 
 def _drop_partial_blocks(blocks: list[Block]) -> tuple[list[Block], list[dict]]:
-    """Blocks that a graph break cut differ from their siblings of the same type: leave those alone."""
-    by_type: dict[str, Counter] = {}
+    """Blocks that a graph break cut differ from their siblings (the items of the same module list, of the
+    same type): leave those alone.  Spatial and temporal lists that interleave are sibling groups each."""
+    siblings: dict[tuple[str, str], Counter] = {}
     for b in blocks:
-        by_type.setdefault(b.module_type, Counter())[(b.signature, b.num_nodes)] += 1
+        siblings.setdefault(_sibling_group(b), Counter())[(b.signature, b.num_nodes)] += 1
     kept, excluded = [], []
     for b in blocks:
-        counts = by_type[b.module_type]
+        counts = siblings[_sibling_group(b)]
         common, n = counts.most_common(1)[0]
         if n > 1 and (b.signature, b.num_nodes) != common and counts[(b.signature, b.num_nodes)] == 1:
-            excluded.append({"path": b.path, "reason": f"differs from its {n} sibling blocks of the same type "
-                             "(the last block of a stack, or cut by a graph break)"})
+            excluded.append({"path": b.path, "reason": f"differs from its {n} sibling blocks in "
+                             f"{_sibling_group(b)[0]} (the last block of a stack, or cut by a graph break)"})
         else:
             kept.append(b)
     return kept, excluded
+
+
+def _sibling_group(block: Block) -> tuple[str, str]:
+    return block.path.rsplit(".", 1)[0], block.module_type

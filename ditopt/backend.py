@@ -17,7 +17,7 @@ import warnings
 import torch.fx as fx
 
 from . import contexts
-from .analysis import UnsupportedGraph
+from .analysis import UnsupportedGraph, find_timestep
 from .config import Config
 from .export import Exporter
 from .lowering import compile_graph, lower
@@ -54,7 +54,7 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
     except UnsupportedGraph as why:
         _warn_once(f"ditopt: {why}; compiling this graph with plain {config.lowering} and no acceleration")
         exporter.write_report(structure=None, fallback=str(why))
-        fallback = Fallback(compile_graph(gm, list(example_inputs), config), str(why))
+        fallback = Fallback(compile_graph(gm, list(example_inputs), config), str(why), _timestep_slot(gm))
         register(fallback, example_inputs)
         return fallback
 
@@ -78,6 +78,16 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
                   "outputs": len(r.outputs)} for r in lowered.regions],
     )
     return runtime
+
+
+def _timestep_slot(gm: fx.GraphModule) -> int | None:
+    """Where a graph without DiT structure takes the timestep, if it does (a forward cut by graph breaks)."""
+    try:
+        timestep = find_timestep(gm.graph)
+    except Exception:  # noqa: BLE001 - a graph ditopt cannot read at all has no timestep to share
+        return None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return placeholders.index(timestep) if timestep is not None else None
 
 
 def _explain(why: str, report: dict) -> str:

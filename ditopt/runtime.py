@@ -228,7 +228,7 @@ class Runtime:
 
     def _forward(self, *args):
         self.calls += 1
-        t = float(args[self.timestep_slot].reshape(-1)[0]) if self.timestep_slot is not None else None
+        t = read_timestep(args, self.timestep_slot)
         name = self.context.name if self.context is not None else None
         if name is None and self.calls == 1:
             self.context = None  # its first call ran outside a cache context: streams are counted, always
@@ -301,18 +301,36 @@ class Runtime:
         self.clock.reset()
 
 
-class Fallback:
-    """A graph compiled with plain Inductor (no acceleration), kept so that `ditopt.stats` says so and why."""
+_LAST_TIMESTEP: list[float | None] = [None]
 
-    def __init__(self, fn: Callable, reason: str):
+
+def read_timestep(args, slot: int | None) -> float | None:
+    """The timestep of this call: read from the graph's own input, or, for a graph without one (a graph
+    break put the timestep embedding in an earlier graph of the same forward), the one that graph read."""
+    if slot is None:
+        return _LAST_TIMESTEP[0]
+    t = _LAST_TIMESTEP[0] = float(args[slot].reshape(-1)[0])
+    return t
+
+
+class Fallback:
+    """A graph compiled with plain Inductor (no acceleration), kept so that `ditopt.stats` says so and why.
+
+    Where it holds the timestep input (the first graph of a forward that graph breaks cut), it reads it, so
+    that the accelerated graphs after it know their step."""
+
+    def __init__(self, fn: Callable, reason: str, timestep_slot: int | None = None):
         self.fn = fn
         self.reason = reason
+        self.timestep_slot = timestep_slot
         self.index = next(_RUNTIME_IDS)
         self.params: dict[int, weakref.ref] = {}
         self.calls = 0
 
     def __call__(self, *args):
         self.calls += 1
+        if self.timestep_slot is not None:
+            read_timestep(args, self.timestep_slot)
         return self.fn(*args)
 
     def stats(self) -> dict:

@@ -192,6 +192,7 @@ def _replace(gm: fx.GraphModule, m: Match) -> fx.Node:
         kwargs = {"attn_mask": mask, "scale": m.scale} if mask is not None else {"scale": m.scale}
         sdpa = graph.call_function(F.scaled_dot_product_attention, (m.q, m.k, m.v), kwargs)
     sdpa.meta = dict(m.output.meta)  # module stack, shape and dtype of the product it replaces
+    sdpa.meta["ditopt_form"] = "hand-written"
     m.output.replace_all_uses_with(sdpa)
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted({m.output, *m.scores}, key=order.__getitem__, reverse=True):  # readers before what they read

@@ -11,6 +11,15 @@ from ditopt.harness.stdit import STDiT
 
 from conftest import capture_graphs
 
+
+def _normalised(gm):
+    """The graph as the analysis sees it in the backend: after the normalisation stage."""
+    from ditopt.passes import NORMALIZE
+
+    for _, run in NORMALIZE:
+        run(gm)
+    return gm
+
 # family -> (blocks, attention kinds of the first block, MLPs in the first block, grid)
 EXPECTED = {
     "cogvideox": (2, [("joint", "full")], 1, (2, 4, 4)),
@@ -29,7 +38,7 @@ def test_family_structure(family):
     case = models.build(family)
     graphs = capture_graphs(case.model, case.inputs())
     assert len(graphs) == 1
-    s = analyze(graphs[0])
+    s = analyze(_normalised(graphs[0]))
     n_blocks, kinds, n_mlps, grid = EXPECTED[family]
     assert len(s.blocks) == n_blocks
     assert [(a.kind, a.axis) for a in s.blocks[0].attention] == kinds
@@ -50,7 +59,7 @@ def test_joint_attention_text_span_is_found_where_the_model_puts_text():
 
 
 def test_stdit_alternates_spatial_and_temporal_blocks():
-    s = analyze(capture_graphs(*_case("stdit"))[0])
+    s = analyze(_normalised(capture_graphs(*_case("stdit"))[0]))
     axes = [b.attention[0].axis for b in s.blocks]
     assert axes == ["spatial", "temporal", "spatial", "temporal"]
     assert s.blocks[1].attention[0].q_len == 3  # temporal attention over the 3 frames

@@ -22,7 +22,7 @@ def test_plain_mlp_falls_back_with_exactly_one_warning():
         out_again = compile_ditopt(mlp)(x + 1)
     ours = [w for w in caught if "ditopt" in str(w.message)]
     assert len(ours) == 1
-    assert "no attention call inside a repeated module" in str(ours[0].message)
+    assert "the graph holds no attention" in str(ours[0].message)
     torch.testing.assert_close(out, mlp(x))
     torch.testing.assert_close(out_again, mlp(x + 1))
 
@@ -50,12 +50,12 @@ def test_export_writes_each_stage_and_a_report(tmp_path):
         models.call(compile_ditopt(case.model, export_dir=str(tmp_path)), case.inputs())
     (graph_dir,) = list(tmp_path.iterdir())
     files = sorted(p.name for p in graph_dir.iterdir())
-    assert files == ["00_dynamo.py", "01_remove_inference_noops.py", "02_normalize_attention.py", "03_lowered.py",
-                     "report.json"]
+    assert files == ["00_dynamo.py", "01_remove_inference_noops.py", "02_normalize_attention.py",
+                     "03_packed_attention.py", "04_hoist_block_constants.py", "05_lowered.py", "report.json"]
     report = json.loads((graph_dir / "report.json").read_text())
     assert len(report["structure"]["blocks"]) == 2
     assert report["passes"]["remove_inference_noops"]["removed"]["dropout"] == 2 * 3  # attn1.to_out.1, attn2.to_out.1, ffn.net.1 in each Wan block
-    assert "same computation as region1_block0" in (graph_dir / "03_lowered.py").read_text()
+    assert "same computation as region1_block0" in (graph_dir / "05_lowered.py").read_text()
     assert "functional.dropout(" not in (graph_dir / "01_remove_inference_noops.py").read_text()
     assert "functional.dropout(" in (graph_dir / "00_dynamo.py").read_text()
 
@@ -63,7 +63,7 @@ def test_export_writes_each_stage_and_a_report(tmp_path):
 def test_cli_inspect_prints_the_structure():
     out = subprocess.run([sys.executable, "-m", "ditopt", "inspect", "cogvideox"], capture_output=True, text=True,
                          check=True).stdout
-    assert "blocks: 2" in out and "joint-attn[full](40x40, 2h)" in out and "grid F x H x W = 2x4x4" in out
+    assert "blocks: 2" in out and "joint-attn[full](40x40, 2h, sdpa)" in out and "grid F x H x W = 2x4x4" in out
 
 
 def test_regional_compilation_warns_what_to_call_instead():

@@ -193,13 +193,13 @@ def _dit(size):
 
 
 def _stdit(size):
-    from .stdit import STDiT
+    from .stdit3 import STDiT3
 
-    model = STDiT(in_channels=4, out_channels=4, dim=32, heads=2, depth=2, patch=2, caption_dim=32)
+    model = STDiT3(in_channels=4, hidden_size=32, depth=2, num_heads=2, caption_channels=32)
 
     def make(batch, seed):
         g = torch.Generator().manual_seed(seed)
-        return dict(x=_randn(g, batch, 4, 3, 8, 8), timestep=_timestep(g, batch), y=_randn(g, batch, 5, 32))
+        return dict(x=_randn(g, batch, 4, 3, 8, 8), timestep=_timestep(g, batch), y=_randn(g, batch, 1, 5, 32))
 
     return model, make
 
