@@ -96,6 +96,7 @@ class DiTStructure:
     latent_input: fx.Node
     timestep_input: fx.Node | None
     excluded_blocks: list[dict] = field(default_factory=list)  # blocks found but left unchanged, with why
+    attention_nodes: list[dict] = field(default_factory=list)  # every attention in the graph: where, kind, form
 
     def to_json(self) -> dict:
         """The structure as JSON-able data, nodes by name."""
@@ -525,7 +526,25 @@ def analyze(gm: fx.GraphModule) -> DiTStructure:
         raise UnsupportedGraph("no complete transformer block is in this graph (graph breaks cut them)")
     for i, b in enumerate(blocks):
         b.index = i
-    return DiTStructure(blocks, layout, latent, timestep, excluded)
+    return DiTStructure(blocks, layout, latent, timestep, excluded, _attention_listing(graph, blocks, excluded, tokens))
+
+
+def _attention_listing(graph: fx.Graph, blocks: list[Block], excluded: list[dict], tokens: set[int]) -> list[dict]:
+    """Every attention node of the graph: the block and kind it was found as, or why no method acts on it."""
+    sites = {a.sdpa: (b, a) for b in blocks for a in b.attention}
+    why_excluded = {e["path"]: e["reason"] for e in excluded}
+    listing = []
+    for n in _attention_nodes([n for n in graph.nodes if n.op in ("call_function", "call_method")], tokens):
+        entry = {"node": n.name, "module": module_path(n),
+                 "form": attention_form(n) if _matches(n, SDPA_TARGETS) else "linear"}
+        if n in sites:
+            b, a = sites[n]
+            entry.update(block=b.path, kind=a.kind, axis=a.axis)
+        else:
+            path = (_block_path_of(n) or (None,))[0]
+            entry["left_alone"] = why_excluded.get(path, "outside every transformer block")
+        listing.append(entry)
+    return listing
 
 
 def _drop_partial_blocks(blocks: list[Block]) -> tuple[list[Block], list[dict]]:

@@ -7,6 +7,8 @@ rewrite exact.  From each softmax over the last axis, walk back to `q @ k^T` and
     p = s.softmax(-1) [.to(dtype)]          # dropout outside training was removed before
     o = p @ v                               ->  o = sdpa(q, k, v, attn_mask=..., scale=a*b/c)
 
+(matmul, bmm or `@`; or the same two products as einsum, `"...qd,...kd->...qk"` and `"...qk,...kd->...qd"`.)
+
 Checks: every intermediate value is read only inside the pattern; scales are Python numbers; q, k
 and v have rank >= 3 with matching batch axes; float32 throughout, or a 16-bit attention whose
 softmax is taken in float32 (SDPA's kernels accumulate the softmax in float32; one taken in 16 bits
@@ -104,9 +106,12 @@ def match(softmax: fx.Node) -> Match:
             dead.append(user)
             continue
         break
-    if not is_call(user, MATMUL_TARGETS) or user.args[0] is not node:
+    if is_call(user, MATMUL_TARGETS) and user.args[0] is node:
+        output, v = user, user.args[1]
+    elif (operands := _einsum_operands(user, "pv")) is not None and operands[0] is node:
+        output, v = user, operands[1]
+    else:
         raise Declined(f"the softmax is not followed by a matmul with V ({user.name}: {user.target})")
-    output, v = user, user.args[1]
     # backward: casts, a mask, scales, then the product of Q and K^T
     scale, mask, fill = 1.0, None, False
     node = softmax.args[0]
@@ -137,28 +142,57 @@ def match(softmax: fx.Node) -> Match:
             mask, fill = node.args[1], True
             dead.append(node)
             node = node.args[0]
-        elif is_call(node, MATMUL_TARGETS):
+        elif is_call(node, MATMUL_TARGETS) or _einsum_operands(node, "qk") is not None:
             break
         else:
             raise Declined(f"{node.name} ({node.target}) between the scores and the softmax is not a scale, "
                            "a mask or a cast")
     qk = node
-    a, kt = qk.args[0], qk.args[1]
-    if not (isinstance(kt, fx.Node) and _is_last_two_swap(kt) and len(kt.users) == 1):
-        raise Declined(f"the scores {qk.name} are not q @ k.transpose(-2, -1)")
-    k = kt.args[0]
+    if (operands := _einsum_operands(qk, "qk")) is not None:  # einsum("...qd,...kd->...qk", q, k)
+        a, k = operands
+    else:
+        a, kt = qk.args[0], qk.args[1]
+        if not (isinstance(kt, fx.Node) and _is_last_two_swap(kt) and len(kt.users) == 1):
+            raise Declined(f"the scores {qk.name} are not q @ k.transpose(-2, -1)")
+        k = kt.args[0]
+        dead.append(kt)
     while (c := _scalar(a, MUL_TARGETS)) is not None and len(a.users) == 1:  # q * scale before the product
         scale *= c
         dead.append(a)
         a = _tensor_arg(a)
     _check_types(a, k, v, output, upcast)
-    return Match(a, k, v, scale, mask, fill, [qk, kt, *dead], output)
+    return Match(a, k, v, scale, mask, fill, [qk, *dead], output)
+
+
+EINSUM = {torch.einsum, torch.functional.einsum}
+
+
+def _einsum_operands(node, which: str) -> tuple[fx.Node, fx.Node] | None:
+    """The two operands of an einsum that is Q K^T ("qk": `...xd,...yd->...xy`) or P V ("pv":
+    `...xy,...yd->...xd`) over the same leading axes, else None."""
+    if not is_call(node, EINSUM) or len(node.args) != 3 or not isinstance(node.args[0], str):
+        return None
+    eq = node.args[0].replace(" ", "")
+    if "->" not in eq or eq.count(",") != 1:
+        return None
+    (a, b), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    if not (len(a) == len(b) == len(out) >= 2) or a[:-2] != b[:-2] or a[:-2] != out[:-2]:
+        return None
+    (a1, a2), (b1, b2), (o1, o2) = a[-2:], b[-2:], out[-2:]
+    lead = set(a[:-2])
+    if len({a1, a2, b1, b2} & lead) or len(set(a[:-2])) != len(a[:-2]):
+        return None
+    if which == "qk":
+        ok = a2 == b2 and a1 != b1 and (o1, o2) == (a1, b1)
+    else:
+        ok = a2 == b1 and a1 != b2 and (o1, o2) == (a1, b2)
+    return (node.args[1], node.args[2]) if ok and all(isinstance(x, fx.Node) for x in node.args[1:]) else None
 
 
 def _on_scores_path(node) -> bool:
     """Whether a value comes from the Q K^T product (so the other addend is the mask)."""
     while isinstance(node, fx.Node):
-        if is_call(node, MATMUL_TARGETS):
+        if is_call(node, MATMUL_TARGETS) or _einsum_operands(node, "qk") is not None:
             return True
         if not (is_call(node, CASTS) or is_call(node, MUL_TARGETS | DIV_TARGETS)):
             return False

@@ -135,6 +135,9 @@ def test_every_form_is_accelerated_and_lossless_stays_exact(case, tmp_path):
     assert len(accelerated) >= 1
     sites = [a for r in accelerated for b in r["structure"]["blocks"] for a in b["attention"]]
     assert {a["form"] for a in sites} == forms and all(a["kind"] != "other" for a in sites)
+    listed = [n for r in accelerated for n in r["structure"]["attention_nodes"]]  # every attention node, found or not
+    assert {n["node"] for n in listed if "kind" in n} == {a["sdpa"] for a in sites}
+    assert all(n["form"] and ("kind" in n or n["left_alone"]) for n in listed)
 
     _, skipped, generations = _run(model, call, adacache={"codebook": {1e9: 3}})
     assert skipped < 0.8 * full and sum(g["blocks_skipped"] for g in generations) > 0
@@ -304,3 +307,88 @@ def test_hoisting_block_constants_keeps_the_graph_exact_and_moves_them_before_ev
                       if n.op == "call_function" and _block_path_of(n) and not n.meta.get("ditopt_hoisted"))
     assert report["hoisted"] and hoisted and max(order[n] for n in hoisted) < first_block
     assert all(h["module"].startswith("temporal_blocks.0.") for h in report["hoisted"])
+
+
+# --- block layouts: a stack of two blocks per list item, a block list cut by a data-dependent break ----
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False)
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
+        self.modulation = torch.nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, c):
+        b, n, d = x.shape
+        gate1, gate2 = self.modulation(F.silu(c))[:, None].chunk(2, dim=-1)
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = x + gate1 * self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return x + gate2 * self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class _Pair(torch.nn.Module):
+    """Two blocks run as one list item (a spatial-temporal pair in one module)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.first, self.second = _Block(dim), _Block(dim)
+
+    def forward(self, x, c):
+        return self.second(self.first(x, c), c)
+
+
+class _LayoutDiT(torch.nn.Module):
+    """Blocks as pairs in one list ("stack"), or one list with a data-dependent break after block 1 ("cut")."""
+
+    def __init__(self, layout: str, depth: int = 4, dim: int = 32):
+        super().__init__()
+        self.layout, self.dim = layout, dim
+        self.embed = torch.nn.Conv3d(4, dim, (1, 2, 2), (1, 2, 2))
+        self.t_mlp = torch.nn.Linear(dim, dim)
+        self.blocks = torch.nn.ModuleList(_Pair(dim) if layout == "stack" else _Block(dim) for _ in range(depth))
+        self.out = torch.nn.Linear(dim, 16)
+
+    def forward(self, x, timestep):
+        b, _, f, h, w = x.shape
+        freqs = torch.exp(-9.21 * torch.arange(self.dim // 2, dtype=torch.float32) / (self.dim // 2))
+        c = self.t_mlp(torch.cat([torch.cos(timestep[:, None] * freqs), torch.sin(timestep[:, None] * freqs)], -1))
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        if self.layout == "cut":
+            for block in self.blocks[:2]:
+                tokens = block(tokens, c)
+            if tokens.isnan().any():  # a data-dependent branch: a graph break between blocks
+                tokens = tokens.nan_to_num()
+            for block in self.blocks[2:]:
+                tokens = block(tokens, c)
+        else:
+            for block in self.blocks:
+                tokens = block(tokens, c)
+        out = self.out(tokens).view(b, f, h // 2, w // 2, 2, 2, 4)
+        return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, 4, f, h, w)
+
+
+@pytest.mark.parametrize("layout", ["stack", "cut"])
+def test_stacked_blocks_and_blocks_cut_across_graphs_are_accelerated(layout):
+    torch.manual_seed(0)
+    model = _LayoutDiT(layout).eval()
+    call = _plain_call()
+    _reset(model)
+    expected = _loop(model, call)
+    out, full, _ = _run(model, call)
+    assert (out - expected).abs().max() <= 1e-5
+    graphs = [g for g in ditopt.stats(model)["graphs"] if "blocks" in g]
+    assert [g["blocks"] for g in graphs] == ([4] if layout == "stack" else [2, 2])  # each graph with whole blocks
+    _reset(model)
+    fn = compile_ditopt(model, adacache={"codebook": {1e9: 3}})
+    with count_flops() as tally:
+        _loop(fn, call)
+        _loop(fn, call)
+    assert tally.flops < 0.8 * 2 * full
+    graphs = [g for g in ditopt.stats(model)["graphs"] if "adacache" in g.get("methods", [])]
+    assert len(graphs) == (1 if layout == "stack" else 2)
+    # one generation per loop in every graph: the graph after the break takes the step the first one read
+    assert all([g["steps"] for g in r["generations"]] == [STEPS, STEPS] for r in graphs)
+    assert all(g["blocks_skipped"] > 0 for r in graphs for g in r["generations"])

@@ -20,16 +20,19 @@ from conftest import capture_graphs, compile_ditopt
 class HandWritten(nn.Module):
     """One attention written by hand, in one of the forms research code uses."""
 
-    def __init__(self, scale_at: str, mask: str, upcast: bool, dim_name: bool):
+    def __init__(self, scale_at: str, mask: str, upcast: bool, dim_name: bool, einsum: bool = False):
         super().__init__()
-        self.scale_at, self.mask, self.upcast, self.dim_name = scale_at, mask, upcast, dim_name
+        self.scale_at, self.mask, self.upcast, self.dim_name, self.einsum = scale_at, mask, upcast, dim_name, einsum
         self.drop = nn.Dropout(0.2)
 
     def forward(self, q, k, v, m):
         d = q.shape[-1]
         if self.scale_at == "q":
             q = q * d ** -0.5
-        s = q @ k.transpose(-2, -1) if self.dim_name else torch.matmul(q, k.permute(0, 1, 3, 2))
+        if self.einsum:
+            s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+        else:
+            s = q @ k.transpose(-2, -1) if self.dim_name else torch.matmul(q, k.permute(0, 1, 3, 2))
         if self.scale_at == "mul":
             s = s * d ** -0.5
         elif self.scale_at == "div":
@@ -42,7 +45,7 @@ class HandWritten(nn.Module):
             s = s.float()
         p = s.softmax(dim=-1) if self.dim_name else F.softmax(s, dim=-1)
         p = self.drop(p.to(v.dtype))
-        return p @ v
+        return torch.einsum("bhqk,bhkd->bhqd", p, v) if self.einsum else p @ v
 
 
 def _inputs(b, h, n, m, d, mask, dtype, seed):
@@ -58,11 +61,13 @@ def _inputs(b, h, n, m, d, mask, dtype, seed):
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 2), h=st.integers(1, 3), n=st.integers(1, 12), m=st.integers(1, 12), d=st.integers(1, 16),
        scale_at=st.sampled_from(["q", "mul", "div", "none"]), mask=st.sampled_from(["none", "additive", "boolean"]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), dim_name=st.booleans(), seed=st.integers(0, 99))
-@example(b=2, h=2, n=8, m=6, d=11, scale_at="none", mask="additive", dtype=torch.bfloat16, dim_name=False, seed=57)
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), dim_name=st.booleans(), einsum=st.booleans(),
+       seed=st.integers(0, 99))
+@example(b=2, h=2, n=8, m=6, d=11, scale_at="none", mask="additive", dtype=torch.bfloat16, dim_name=False,
+         einsum=False, seed=57)
 def test_hand_written_attention_becomes_one_sdpa_node_with_the_same_result(b, h, n, m, d, scale_at, mask, dtype,
-                                                                           dim_name, seed):
-    model = HandWritten(scale_at, mask, upcast=dtype != torch.float32, dim_name=dim_name).eval()
+                                                                           dim_name, einsum, seed):
+    model = HandWritten(scale_at, mask, upcast=dtype != torch.float32, dim_name=dim_name, einsum=einsum).eval()
     inputs = _inputs(b, h, n, m, d, mask, dtype, seed)
     gm = capture_graphs(model, inputs)[0]
     args = gm.example_inputs
@@ -77,7 +82,7 @@ def test_hand_written_attention_becomes_one_sdpa_node_with_the_same_result(b, h,
     if dtype == torch.float32:
         assert torch.allclose(after, before, atol=1e-5, rtol=1e-5)
     else:  # bf16: SDPA rounds elsewhere than the hand-written ops; it must be as close to exact as they are
-        exact = HandWritten(scale_at, mask, upcast=False, dim_name=dim_name).eval()(
+        exact = HandWritten(scale_at, mask, upcast=False, dim_name=dim_name, einsum=einsum).eval()(
             *(x.double() if x.is_floating_point() else x for x in inputs.values()))
         err_after, err_before = ((y.double() - exact).abs().max() for y in (after, before))
         assert err_after <= 2 * err_before + 2 ** -8, (err_after, err_before)
