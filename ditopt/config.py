@@ -27,12 +27,15 @@ DEFAULT_PRESET = "balanced"
 # extrapolate their residual linearly (forecast 1): on the choosing seeds 0 and 1 it raised every preset's
 # worst-seed PSNR at the same FLOPs (docs/benchmarks.md, "Forecast"), and it is reported on seeds 2 and 3.
 PRESET_OPTIONS: dict[str, dict] = {
-    "lossless": {},
-    "quality": {"adacache": {"codebook": {0.026782: 6, 0.053565: 5, 0.080347: 4, 0.10713: 3, 0.133912: 2,
+    "lossless": {"invariants": True},
+    "quality": {"invariants": True,
+                "adacache": {"codebook": {0.026782: 6, 0.053565: 5, 0.080347: 4, 0.10713: 3, 0.133912: 2,
                                           math.inf: 1}, "forecast": 1}},
-    "balanced": {"adacache": {"codebook": {0.054798: 6, 0.109597: 5, 0.164395: 4, 0.219193: 3, 0.273991: 2,
+    "balanced": {"invariants": True,
+                 "adacache": {"codebook": {0.054798: 6, 0.109597: 5, 0.164395: 4, 0.219193: 3, 0.273991: 2,
                                            math.inf: 1}, "forecast": 1}},
-    "fast": {"adacache": {"codebook": {0.09524: 6, 0.19048: 5, 0.28572: 4, 0.380961: 3, 0.476201: 2,
+    "fast": {"invariants": True,
+             "adacache": {"codebook": {0.09524: 6, 0.19048: 5, 0.28572: 4, 0.380961: 3, 0.476201: 2,
                                        math.inf: 1}, "forecast": 1}},
 }
 PRESETS = tuple(PRESET_OPTIONS)
@@ -69,7 +72,8 @@ class Config:
 
     @property
     def lossless(self) -> bool:
-        return not any(cfg.enabled for cfg in self.methods.values())
+        """No enabled method approximates (step-invariant caching is exact)."""
+        return all(m.exact for m, _ in self.enabled())
 
     def enabled(self) -> list[tuple[Method, Any]]:
         """(method, its config) for every enabled method, in pipeline order."""

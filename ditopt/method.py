@@ -125,6 +125,7 @@ class Method:
     # Turns the user's settings into dataclass fields (JSON keys, a named reference): settings, base -> fields.
     normalize: Callable[[dict, Any], dict] = _keep
     conflicts: tuple[str, ...] = ()  # methods that cannot be enabled together with this one
+    exact: bool = False  # the output stays what the model computes (a lossless method)
     version: int = 1
 
     def uuid(self, cfg: Any) -> tuple:

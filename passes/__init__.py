@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ditopt.analysis import DiTStructure, analyze
 
-from . import (adacache, asymrnr, hoist_block_constants, normalize_attention, packed_attention,
+from . import (adacache, asymrnr, hoist_block_constants, invariants, normalize_attention, packed_attention,
                remove_inference_noops, teacache, toca)
 
 NORMALIZE: tuple[tuple[str, Callable[[fx.GraphModule], dict]], ...] = (
@@ -27,6 +27,7 @@ NORMALIZE: tuple[tuple[str, Callable[[fx.GraphModule], dict]], ...] = (
 )
 
 METHODS = (
+    invariants.METHOD,  # first: it only moves computation on step-invariant inputs to the head, for the others
     toca.METHOD,  # before AsymRnR: its scores read each attention's full Q and K, before tokens are reduced
     asymrnr.METHOD,
     adacache.METHOD,  # skip guards last: they wrap whole blocks, whatever the methods above put inside

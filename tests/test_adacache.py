@@ -318,7 +318,7 @@ def test_codebook_for_scale_is_the_reference_shape():
 def test_teacache_region_split_and_probe():
     model = _stdit(depth=2)
     x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
-    compiled = compile_ditopt(model, teacache={"threshold": 1e-9})
+    compiled = compile_ditopt(model, teacache={"threshold": 1e-9}, invariants=False)  # the regions TeaCache cuts
     expected, _ = _loop(model, x, y)
     actual, _ = _loop(compiled, x, y)
     assert torch.equal(actual, expected)  # a threshold nothing stays under: never skips

@@ -20,6 +20,7 @@ def test_gpu_check_runs_every_part_on_the_cpu_and_writes_strict_json(tmp_path):
     assert timing[2]["attention_full_ms"] > 0 and timing[2]["matching_ms"] > 0
     model = {r["config"]: r for r in data["model"]}
     assert set(model) == {"inductor", "lossless", "fast"}
-    assert model["lossless"]["flop_ratio"] == 1.0 and model["lossless"]["psnr_db"] is None  # infinite: null
+    # lossless computes the step-invariant work once: fewer FLOPs, the same output (PSNR infinite: null)
+    assert 0.5 < model["lossless"]["flop_ratio"] < 1.0 and model["lossless"]["psnr_db"] is None
     assert model["fast"]["flop_ratio"] < 1.0
     assert "## Kernels" in (tmp_path / "gpu_check.md").read_text()

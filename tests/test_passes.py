@@ -20,7 +20,7 @@ from conftest import capture_graphs
 def test_pipeline_is_declared_once_in_order():
     assert [name for name, _ in NORMALIZE] == ["remove_inference_noops", "normalize_attention", "packed_attention",
                                                "hoist_block_constants"]
-    assert [m.name for m in METHODS] == ["toca", "asymrnr", "adacache", "teacache"]
+    assert [m.name for m in METHODS] == ["invariants", "toca", "asymrnr", "adacache", "teacache"]
 
 
 def test_the_core_names_no_method():
