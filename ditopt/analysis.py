@@ -497,6 +497,9 @@ def analyze(gm: fx.GraphModule) -> DiTStructure:
     graph = gm.graph
     if any(isinstance(n.meta.get("example_value"), torch.SymInt) for n in graph.nodes if n.op == "placeholder"):
         raise UnsupportedGraph("the graph has dynamic shapes (symbolic sizes); ditopt handles static shapes only")
+    unknown = _unknown_attention_op(graph)
+    if unknown is not None and not any(_matches(n, SDPA_TARGETS) for n in graph.nodes):
+        raise UnsupportedGraph(unknown)
     if not any(_matches(n, SDPA_TARGETS | MATMUL_TARGETS | _SOFTMAX) for n in graph.nodes):
         raise UnsupportedGraph("the graph holds no attention (no attention call, softmax or matmul): a part of the "
                                "forward that graph breaks cut off, or not a transformer")
@@ -527,6 +530,20 @@ def analyze(gm: fx.GraphModule) -> DiTStructure:
     for i, b in enumerate(blocks):
         b.index = i
     return DiTStructure(blocks, layout, latent, timestep, excluded, _attention_listing(graph, blocks, excluded, tokens))
+
+
+def _unknown_attention_op(graph: fx.Graph) -> str | None:
+    """The reason for a graph whose attention runs through a library op no normalisation rule knows."""
+    for n in graph.nodes:
+        target = n.target
+        if n.op != "call_function" or not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            continue
+        name = target._schema.name if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
+        if name.startswith("aten::") or not ("attn" in name or "attention" in name):
+            continue
+        return (f"the attention {n.name} (in {module_path(n) or 'the model'}) calls {name}, an attention op "
+                "ditopt has no rule for (packed_attention.FORMS lists the ones it rewrites to SDPA)")
+    return None
 
 
 def _attention_listing(graph: fx.Graph, blocks: list[Block], excluded: list[dict], tokens: set[int]) -> list[dict]:

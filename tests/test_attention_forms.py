@@ -392,3 +392,35 @@ def test_stacked_blocks_and_blocks_cut_across_graphs_are_accelerated(layout):
     # one generation per loop in every graph: the graph after the break takes the step the first one read
     assert all([g["steps"] for g in r["generations"]] == [STEPS, STEPS] for r in graphs)
     assert all(g["blocks_skipped"] > 0 for r in graphs for g in r["generations"])
+
+
+@torch.library.custom_op("ditopt_test::fused_attention_forward", mutates_args=())
+def _unknown_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@_unknown_attention.register_fake
+def _(q, k, v):
+    return torch.empty_like(q)
+
+
+def test_an_attention_op_without_a_rule_is_the_fallback_reason_naming_the_node_and_op():
+    import warnings
+
+    from linear_dit import LinearDiT
+
+    class Unknown(torch.nn.Module):
+        def forward(self, x):
+            b, n, c = x.shape
+            q = x.view(b, n, 2, -1).transpose(1, 2)
+            return torch.ops.ditopt_test.fused_attention_forward(q, q, q).transpose(1, 2).reshape(b, n, c)
+
+    model = LinearDiT().eval()
+    for block in model.blocks:
+        block.attn = Unknown()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loop(compile_ditopt(model), _plain_call())
+    reasons = [str(w.message) for w in caught if "ditopt" in str(w.message)]
+    assert len(reasons) == 1 and "calls ditopt_test::fused_attention_forward" in reasons[0]
+    assert "blocks.0.attn" in reasons[0]
