@@ -19,8 +19,8 @@ import torch.nn.functional as F  # noqa: F401
 
 from .patterns import (ACTIVATIONS, ADD_TARGETS, CATS, CONV_TARGETS, DIV_TARGETS, LINEAR_TARGETS, MATMUL_TARGETS,
                        MUL_TARGETS,
-                       PASSTHROUGH, SDPA_TARGETS, SIN_COS, SPLITS, TRANSPOSES, call_args, chain_back, first_reached,
-                       inputs, is_call, sdpa_qkv, users, walk)
+                       PASSTHROUGH, SDPA_TARGETS, SIN_COS, SPLITS, TRANSPOSES, call_args, chain_back, dependents,
+                       first_reached, inputs, is_call, op_name, sdpa_qkv, users, walk)
 
 
 _SOFTMAX = {"softmax", torch.softmax, torch.nn.functional.softmax}
@@ -285,11 +285,7 @@ def is_parallel_plumbing(node: fx.Node) -> bool:
 
 def data_dependent(graph: fx.Graph) -> set[fx.Node]:
     """The nodes whose value depends on a data input (not only on weights and constants)."""
-    out: set[fx.Node] = set()
-    for n in graph.nodes:
-        if (n.op == "placeholder" and not is_weight(n)) or any(a in out for a in n.all_input_nodes):
-            out.add(n)
-    return out
+    return dependents(graph, lambda n: n.op == "placeholder" and not is_weight(n))
 
 
 def _find_blocks(graph: fx.Graph, layout: TokenLayout) -> list[tuple[str, str, list[fx.Node]]]:
@@ -535,11 +531,8 @@ def analyze(gm: fx.GraphModule) -> DiTStructure:
 def _unknown_attention_op(graph: fx.Graph) -> str | None:
     """The reason for a graph whose attention runs through a library op no normalisation rule knows."""
     for n in graph.nodes:
-        target = n.target
-        if n.op != "call_function" or not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            continue
-        name = target._schema.name if isinstance(target, torch._ops.OpOverload) else target._qualified_op_name
-        if name.startswith("aten::") or not ("attn" in name or "attention" in name):
+        name = op_name(n) if n.op == "call_function" else None
+        if name is None or name.startswith("aten::") or not ("attn" in name or "attention" in name):
             continue
         return (f"the attention {n.name} (in {module_path(n) or 'the model'}) calls {name}, an attention op "
                 "ditopt has no rule for (packed_attention.FORMS lists the ones it rewrites to SDPA)")

@@ -131,3 +131,41 @@ def chain_back(start, targets, through, within: set | None = None) -> fx.Node | 
         seen.add(node)
         node = first_input(node)
     return None
+
+
+def op_name(node: fx.Node) -> str | None:
+    """The qualified name of the torch.library op a node calls ("flash_attn::_flash_attn_forward"), or None."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    return None
+
+
+def dependents(graph: fx.Graph, roots: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    """The nodes for which `roots` holds, and every node computed from one of them."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if roots(n) or any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """A call that writes its first argument: `x.add_(...)`, `x.copy_(...)`, `x[i] = v`."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or name in ("setitem", "__setitem__")
+
+
+def move_to_head(graph: fx.Graph, nodes: set[fx.Node]) -> list[fx.Node]:
+    """Move `nodes` (closed under their inputs, placeholders aside) before the graph's first computation,
+    keeping their order; returns them in that order."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    head = next(n for n in graph.nodes if n.op != "placeholder" and n not in nodes)
+    moved = sorted(nodes, key=order.__getitem__)
+    for n in moved:
+        head.prepend(n)
+    return moved

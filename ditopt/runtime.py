@@ -301,16 +301,24 @@ class Runtime:
         self.clock.reset()
 
 
-_LAST_TIMESTEP: list[float | None] = [None]
+_LAST_TIMESTEP: list = [None]  # the timestep the latest graph with one took: a tensor, a number or None
 
 
 def read_timestep(args, slot: int | None) -> float | None:
     """The timestep of this call: read from the graph's own input, or, for a graph without one (a graph
-    break put the timestep embedding in an earlier graph of the same forward), the one that graph read."""
-    if slot is None:
-        return _LAST_TIMESTEP[0]
-    t = _LAST_TIMESTEP[0] = float(args[slot].reshape(-1)[0])
+    break put the timestep embedding in an earlier graph of the same forward), the one that graph took."""
+    if slot is not None:
+        _LAST_TIMESTEP[0] = args[slot]
+    t = _LAST_TIMESTEP[0]
+    if isinstance(t, torch.Tensor):  # the one host read, made where the step is needed
+        t = _LAST_TIMESTEP[0] = float(t.reshape(-1)[0])
     return t
+
+
+def keep_timestep(args, slot: int) -> None:
+    """What a graph compiled without acceleration does with its timestep: keep it for the graphs after it,
+    unread (no host read where nothing needs the step)."""
+    _LAST_TIMESTEP[0] = args[slot]
 
 
 class Fallback:
@@ -330,7 +338,7 @@ class Fallback:
     def __call__(self, *args):
         self.calls += 1
         if self.timestep_slot is not None:
-            read_timestep(args, self.timestep_slot)
+            keep_timestep(args, self.timestep_slot)
         return self.fn(*args)
 
     def stats(self) -> dict:

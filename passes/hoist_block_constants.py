@@ -12,22 +12,17 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ditopt.analysis import _block_path_of, data_dependent, module_path
+from ditopt.patterns import move_to_head, writes_in_place
 
 
 def _movable(node: fx.Node, data: set) -> bool:
-    return node.op in ("call_function", "call_method", "get_attr") and node not in data and not _in_place(node)
-
-
-def _in_place(node: fx.Node) -> bool:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__") or name in ("setitem", "__setitem__")
+    return node.op in ("call_function", "call_method", "get_attr") and node not in data and not writes_in_place(node)
 
 
 def run(gm: fx.GraphModule) -> dict:
     """Move every such value (with what it is computed from) before the first computation; report them."""
     graph = gm.graph
     data = data_dependent(graph)
-    order = {n: i for i, n in enumerate(graph.nodes)}
     moved: set[fx.Node] = set()
     hoisted = []
     for node in list(graph.nodes):
@@ -46,9 +41,7 @@ def run(gm: fx.GraphModule) -> dict:
             chain.add(n)
             stack.extend(n.all_input_nodes)
         else:
-            head = next(n for n in graph.nodes if n.op != "placeholder" and n not in chain | moved)
-            for n in sorted(chain, key=order.__getitem__):
-                head.prepend(n)
+            for n in move_to_head(graph, chain | moved):  # after what earlier values moved there
                 n.meta["ditopt_hoisted"] = True
             moved |= chain
             hoisted.append({"node": node.name, "module": module_path(node), "read_in": sorted(readers)})

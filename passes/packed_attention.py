@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ditopt.analysis import example, module_path
-from ditopt.patterns import SDPA_TARGETS, call_args, is_call
+from ditopt.patterns import SDPA_TARGETS, call_args, is_call, op_name
 
 
 class Declined(Exception):
@@ -63,16 +63,6 @@ FORMS = {
         "1thd", "query", "key", "value", "scale", "dropout_p", None, ("seqstart_q", "seqstart_k"),
         defaults={"attn_bias": None, "custom_mask_type": 0, "window_size": None}),
 }
-
-
-def op_name(node: fx.Node) -> str | None:
-    """The qualified name of a torch.library op a node calls ("flash_attn::_flash_attn_forward")."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return target._qualified_op_name
-    return None
 
 
 def op_args(node: fx.Node) -> dict:
@@ -263,8 +253,26 @@ def _masked_sdpa(node: fx.Node, constants: Constants) -> Packed:
                   "sdpa_block_mask")
 
 
+def _check(p: Packed) -> None:
+    """What makes a call not per-sample SDPA exactly, checked before the rewrite inserts anything."""
+    if p.starts is None:
+        if p.causal and example(p.q).shape[1] != example(p.k).shape[1]:
+            raise Declined("causal attention with different Q and K lengths aligns at the end, SDPA at the start")
+        return
+    if p.causal:
+        raise Declined("causal attention over a packed batch")
+    q_starts, k_starts = p.starts
+    if len(q_starts) != len(k_starts):
+        raise Declined(f"{len(q_starts) - 1} query segments but {len(k_starts) - 1} key segments")
+    if len({b - a for a, b in zip(q_starts, q_starts[1:])}) != 1:
+        raise Declined("the query segments differ in length: not a batch of samples with one token count")
+    if min(b - a for a, b in zip(k_starts, k_starts[1:])) == 0:
+        raise Declined("a sample attends to no keys")
+
+
 def _rewrite(gm: fx.GraphModule, p: Packed) -> fx.Node:
-    qv, kv = example(p.q), example(p.k)
+    _check(p)
+    qv = example(p.q)
     emit = _Emitter(gm.graph, p.output, p.output.meta, [p.q, p.k, p.v])
     if p.layout == "1htd":  # SDPA's own layout, batch of one: [1, H, T, D] -> tokens [T, H, D]
         heads, dim = int(qv.shape[1]), int(qv.shape[3])
@@ -273,21 +281,11 @@ def _rewrite(gm: fx.GraphModule, p: Packed) -> fx.Node:
         heads, dim = int(qv.shape[-2]), int(qv.shape[-1])
         q, k, v = (emit("reshape", x, -1, heads, dim) for x in (p.q, p.k, p.v))
     else:  # bshd: one transpose each way
-        if p.causal and qv.shape[1] != kv.shape[1]:
-            raise Declined("causal attention with different Q and K lengths aligns at the end, SDPA at the start")
         q, k, v = (emit("transpose", x, 1, 2) for x in (p.q, p.k, p.v))
         out = emit(F.scaled_dot_product_attention, q, k, v, is_causal=p.causal, scale=p.scale)
         out.meta["ditopt_form"] = p.form
         return emit("transpose", out, 1, 2)
-    if p.causal:
-        raise Declined("causal attention over a packed batch")
-    (q_starts, k_starts) = p.starts
-    if len(q_starts) != len(k_starts):
-        raise Declined(f"{len(q_starts) - 1} query segments but {len(k_starts) - 1} key segments")
-    if len({b - a for a, b in zip(q_starts, q_starts[1:])}) != 1:
-        raise Declined("the query segments differ in length: not a batch of samples with one token count")
-    if min(b - a for a, b in zip(k_starts, k_starts[1:])) == 0:
-        raise Declined("a sample attends to no keys")
+    q_starts, k_starts = p.starts
     qb, _ = _per_sample(emit, q, q_starts, heads, dim)
     kb, keep = _per_sample(emit, k, k_starts, heads, dim)
     vb, _ = _per_sample(emit, v, k_starts, heads, dim)

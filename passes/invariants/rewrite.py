@@ -14,24 +14,14 @@ import torch.fx as fx
 
 from ditopt.analysis import DiTStructure, module_path
 from ditopt.method import Rewrite, Tag, tag
-from ditopt.patterns import PASSTHROUGH, is_call
+from ditopt.patterns import PASSTHROUGH, dependents, is_call, move_to_head, writes_in_place
 
 REGION = "invariants"
-_IMPURE = {"copy_", "setitem", "__setitem__", "uniform_", "normal_", "bernoulli_"}
-
-
-def _varying(graph: fx.Graph, structure: DiTStructure) -> set[fx.Node]:
-    roots = {structure.latent_input, structure.timestep_input} - {None}
-    out: set[fx.Node] = set()
-    for n in graph.nodes:
-        if n in roots or any(a in out for a in n.all_input_nodes):
-            out.add(n)
-    return out
 
 
 def _impure(node: fx.Node) -> bool:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return name in _IMPURE or node.is_impure()
+    """An op that writes a tensor or has another side effect (a random draw, a print)."""
+    return writes_in_place(node) or node.is_impure()
 
 
 def _closure(node: fx.Node) -> set[fx.Node]:
@@ -63,7 +53,7 @@ def _written_in_place(graph: fx.Graph) -> set[fx.Node]:
 def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg) -> Rewrite:
     """Tag and move the invariant computation; the report names each cached value and its module."""
     graph = gm.graph
-    varying = _varying(graph, structure)
+    varying = dependents(graph, lambda n: n is structure.latent_input or n is structure.timestep_input)
     pinned = {n for b in structure.blocks for n in (b.first_node, b.last_node)}
     invariant = {n for n in graph.nodes if n.op in ("call_function", "call_method", "get_attr") and n not in varying}
     moved: set[fx.Node] = set()
@@ -87,10 +77,7 @@ def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg) -> Rewrite:
     if not cached:
         return Rewrite({"cached": [], "declined": declined},
                        "nothing in this graph is computed only from inputs that stay the same across steps")
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    head = next(n for n in graph.nodes if n.op != "placeholder" and n not in moved)
-    for n in sorted(moved, key=order.__getitem__):
-        head.prepend(n)
+    for n in move_to_head(graph, moved):
         tag(n, Tag("invariants", "cached", own_region=REGION))
     graph.lint()
     gm.recompile()
