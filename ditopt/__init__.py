@@ -11,6 +11,7 @@ from . import contexts  # noqa: F401  (records diffusers' cache_context names fr
 from .config import Config, preset_config
 from .pipelines import apply, calibrate
 from .runtime import explain, generation, reset, stats
+from .tune import tune
 
 __version__ = "0.1.0"
-__all__ = ["Config", "apply", "calibrate", "preset_config", "explain", "generation", "reset", "stats", "__version__"]
+__all__ = ["Config", "apply", "calibrate", "preset_config", "explain", "generation", "reset", "stats", "tune", "__version__"]

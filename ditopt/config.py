@@ -39,7 +39,7 @@ PRESET_OPTIONS: dict[str, dict] = {
                                        math.inf: 1}, "forecast": 1}},
 }
 PRESETS = tuple(PRESET_OPTIONS)
-CORE_OPTIONS = ("preset", "lowering", "mode", "export_dir")
+CORE_OPTIONS = ("config", "preset", "lowering", "mode", "export_dir")
 
 
 def methods() -> tuple[Method, ...]:
@@ -132,6 +132,12 @@ def preset_config(name: str) -> Config:
 
 
 def _from_mapping(options: Mapping[str, Any]) -> Config:
+    if options.get("config") is not None:  # a JSON file of options (e.g. what `ditopt tune` wrote); keys here win
+        from .tune import load_config
+
+        loaded = load_config(options["config"])
+        options = {**loaded, **{k: ({**loaded[k], **v} if isinstance(v, Mapping) and isinstance(loaded.get(k), Mapping)
+                                    else v) for k, v in options.items() if k != "config"}}
     all_methods = methods()
     valid = (*CORE_OPTIONS, *(m.name for m in all_methods))
     unknown = sorted(set(options) - set(valid))

@@ -1,5 +1,7 @@
 """ToCa: scores against their materialised definitions, the pass, the runtime's modes, caches and selection."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -325,3 +327,30 @@ def test_pixart_reference_computes_more_rows_early_than_late():
         return sum(picked) / len(picked)
 
     assert mean_rows(range(steps // 3)) > mean_rows(range(steps - steps // 3, steps)), rows
+
+
+def test_with_a_skip_guard_toca_refreshes_on_the_steps_its_block_runs_and_computes_the_probed_block_whole():
+    case = build("wan")
+    inputs = case.inputs(batch=2)
+    steps = 11  # AdaCache forced to rate 2: computed at 0, 1, 3, 5, 7 and the last steps (8, 9, 10)
+    fn = compile_ditopt(case.model, adacache={"codebook": {1e9: 2}}, toca={"interval": 2, "ratio": 0.3})
+    _run(fn, inputs, steps)
+    runtime = runtimes_of(case.model)[0]
+    planner = next(h for h in runtime.hooks if h.name == "toca")
+    gen = ditopt.stats(case.model)["generations"][-1]
+    computed = gen["adacache"]["decisions"].count("C")
+    assert gen["adacache"]["decisions"] == "CCSCSCSCCCC"
+    sites = [s for ss in planner.sites.values() for s in ss]
+    probed = [s for s in sites if s.block in planner.probed_blocks]
+    assert planner.probed_blocks and probed and len(probed) < len(sites)
+    # counted by sampling step, only steps 0, 8 and 10 of the computed ones would refresh (even)
+    expected = len(probed) * computed + (len(sites) - len(probed)) * math.ceil(computed / 2)
+    assert gen["toca"]["fresh"] == expected
+
+
+def test_teacache_probe_upstream_of_every_site_leaves_toca_free():
+    case = build("wan")
+    fn = compile_ditopt(case.model, teacache={"threshold": 0.05}, toca={"interval": 2, "ratio": 0.3})
+    _run(fn, case.inputs(batch=2), 6)
+    planner = next(h for h in runtimes_of(case.model)[0].hooks if h.name == "toca")
+    assert planner.probed_blocks == frozenset()

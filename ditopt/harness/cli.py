@@ -1,4 +1,4 @@
-"""The `ditopt` command line: `ditopt inspect FAMILY`, `ditopt bench ...`."""
+"""The `ditopt` command line: `ditopt inspect FAMILY`, `ditopt bench ...`, `ditopt tune ...`, `ditopt calibrate`."""
 
 from __future__ import annotations
 
@@ -102,6 +102,48 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    import time
+
+    from ditopt.tune import METHODS, tune
+
+    from . import bench, models
+
+    metric, budget = ("ssim", args.ssim) if args.ssim is not None else ("psnr", args.psnr)
+    if args.model == "fixture":
+        from . import fixture
+
+        model = fixture.load_fixture()
+        prompts = list(fixture.PROMPTS[args.prompt_start: args.prompt_start + args.prompts])
+        if len(prompts) < args.prompts:
+            raise ValueError(f"ditopt tune: the fixture has {len(fixture.PROMPTS)} prompts; --prompt-start "
+                             f"{args.prompt_start} with --prompts {args.prompts} runs past them")
+
+        def sample_fn(fn, seed):
+            return fixture.sample(fn, prompts, seed=seed, steps=args.steps, cfg_batched=not args.separate_cfg)
+        what = f"fixture, prompts {args.prompt_start}..{args.prompt_start + len(prompts) - 1}"
+    else:
+        case = models.build(args.model, args.size)
+        model = case.model
+        latent = "x" if args.model == "stdit" else "hidden_states"
+
+        def sample_fn(fn, seed):
+            return bench.euler_loop(case.inputs(args.batch, seed), args.steps, latent, models.call)(fn)
+        what = f"{args.model} ({args.size}), batch {args.batch}"
+    start = time.perf_counter()
+    result = tune(model, sample_fn, budget, metric=metric, cases=args.seeds, speed=args.speed, margin=args.margin,
+                  methods=args.methods or METHODS, out=args.out, plot=args.plot)
+    chosen = result.chosen.to_dict(result.full_seconds)
+    print(json.dumps({"model": what, "steps": args.steps, "seeds": args.seeds, "metric": metric,
+                      "budget": result.budget, "met": result.met, "options": result.options,
+                      "worst": chosen["worst"], "per_seed": chosen["per_case"], "flop_ratio": chosen["flop_ratio"],
+                      "speedup": chosen["speedup"], "candidates": len(result.candidates), "notes": result.notes,
+                      "seconds": round(time.perf_counter() - start, 1)}, indent=2))
+    if args.out:
+        print(f"wrote {args.out}: load it with options={{'config': {args.out!r}}}")
+    return 0
+
+
 def _gpu_check(args) -> int:
     from . import gpu_check
 
@@ -148,6 +190,26 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batch", type=int, default=2)
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_calibrate)
+    t = sub.add_parser("tune", help="the fastest configuration whose worst-seed PSNR (or SSIM) against full "
+                                    "compute meets a budget, searched over every method (docs/tune.md)")
+    t.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))
+    t.add_argument("--size", choices=SIZES, default="tiny")
+    budget = t.add_mutually_exclusive_group()
+    budget.add_argument("--psnr", type=float, default=30.0, help="worst-seed PSNR floor in dB (default 30)")
+    budget.add_argument("--ssim", type=float, default=None, help="worst-seed SSIM floor instead, in (0, 1]")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="calibration seeds (default 0 1)")
+    t.add_argument("--prompts", type=int, default=4, help="fixture prompts per generation (default 4)")
+    t.add_argument("--prompt-start", type=int, default=0, help="index of the first fixture prompt (default 0)")
+    t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--batch", type=int, default=2, help="batch of the zoo models' inputs")
+    t.add_argument("--separate-cfg", action="store_true", help="fixture: cond and uncond as two calls per step")
+    t.add_argument("--margin", type=float, default=0.0, help="added to the budget when choosing (headroom)")
+    t.add_argument("--methods", nargs="+", default=None, help="methods to search (default: all)")
+    t.add_argument("--speed", choices=("flops", "wall"), default="flops",
+                   help="what 'fastest' means: the exact FLOP ratio (default) or measured time per generation")
+    t.add_argument("--out", default="tuned.json", help="the chosen config, as JSON (default tuned.json)")
+    t.add_argument("--plot", default="tuned.png", help="the Pareto plot, PNG (default tuned.png)")
+    t.set_defaults(func=_tune)
     g = sub.add_parser("gpu-check", help="every GPU figure in one run: kernels, their timing, a realistic model "
                                          "(docs/gpu.md); --device cpu --size tiny checks the logic on the CPU")
     g.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")

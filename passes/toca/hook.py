@@ -150,6 +150,7 @@ class StreamToCa:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> raw s1 or s2, [B, N]
     score_kind: dict[int, str] = field(default_factory=dict)
     first_t: float | None = None
+    runs: dict[int, int] = field(default_factory=dict)  # region index -> steps it ran (skipped steps do not count)
     stats: dict = field(default_factory=lambda: _empty_stats())
 
 
@@ -158,8 +159,10 @@ class TocaPlanner(Hook):
 
     name = NAME
 
-    def __init__(self, cfg: ToCaConfig, regions, num_blocks: int, layout, video_spans: dict[int, tuple[int, int]]):
+    def __init__(self, cfg: ToCaConfig, regions, num_blocks: int, layout, video_spans: dict[int, tuple[int, int]],
+                 probed_blocks: frozenset = frozenset()):
         self.cfg = cfg
+        self.probed_blocks = probed_blocks  # blocks a skip guard's probe reads: their sites always compute
         self.num_blocks = num_blocks
         self.sites: dict[int, list[Site]] = {}  # region index -> its sites
         self.score_sites: dict[int, dict[int, str]] = {}
@@ -188,8 +191,10 @@ class TocaPlanner(Hook):
                 * cfg.module_factors.get(site.kind, 1.0))
 
     def plan_site(self, site: Site, step: int, progress: float, state: SiteState) -> tuple[str, int]:
-        """(mode, rows) of a site at a step."""
-        if step < self.cfg.first_fresh or step % self.interval(site.kind) == 0 or state.cache is None:
+        """(mode, rows) of a site at the `step`-th step its block runs (steps a skip guard skipped do not count,
+        so a refresh is never lost to a skip)."""
+        if (step < self.cfg.first_fresh or step % self.interval(site.kind) == 0 or state.cache is None
+                or site.block in self.probed_blocks):
             return FRESH, site.tokens
         k = quantised_rows(self.fraction(site, progress), site.tokens, self.cfg.levels, self.cfg.row_multiple)
         if k == 0:
@@ -216,9 +221,10 @@ class TocaPlanner(Hook):
         # progress through sampling, 0 at the first step and 1 at t = 0 (no timestep: 0.5, factor 1)
         progress = 1.0 - t / st.first_t if (t is not None and st.first_t) else 0.5
         modes, ks, extra = {}, [], {}
+        runs = st.runs[region.index] = st.runs.get(region.index, -1) + 1
         for site in self.sites[region.index]:
             state = st.sites.setdefault(site.id, SiteState())
-            mode, k = self.plan_site(site, call.step, min(max(progress, 0.0), 1.0), state)
+            mode, k = self.plan_site(site, runs, min(max(progress, 0.0), 1.0), state)
             modes[site.id] = mode
             ks.append(k)
             _count(stats, site, mode, k, call.step)
@@ -316,10 +322,29 @@ def _count(stats: dict, site: Site, mode: str, k: int, step: int) -> None:
     stats["computed_fraction"] = round(stats["rows_computed"] / max(1, stats["rows_total"]), 4)
 
 
+def _site_blocks_upstream(node, lowered) -> set[int]:
+    """The blocks of the ToCa sites whose cached outputs `node` reads, directly or not."""
+    updates = {n: t.payload.block for n, t in lowered.tagged(NAME, "update")}
+    seen, frontier, blocks = {node}, [node], set()
+    while frontier:
+        for n in frontier.pop().all_input_nodes:
+            if n not in seen:
+                seen.add(n)
+                frontier.append(n)
+                if n in updates:
+                    blocks.add(updates[n])
+    return blocks
+
+
 def make_hook(cfg: ToCaConfig, lowered) -> TocaPlanner | str:
     """The planner for a lowered graph's ToCa sites, or why there is none."""
     structure = lowered.structure
     spans = {b.index: a.video_span for b in structure.blocks for a in b.attention
              if a.kind == "joint" and a.video_span is not None}
-    planner = TocaPlanner(cfg, lowered.regions, len(structure.blocks), structure.layout, spans)
+    # A skip guard's metric is the change of a probe between computed steps: a probe reading reused rows would
+    # measure no change and skip on, so the blocks that hold one are computed whole.
+    probed = frozenset(block for node, t in lowered.tags if t.role == "probe" and node in lowered.slot
+                       for block in [lowered.regions[lowered.region_of(node)].block]
+                       if block is not None and block in _site_blocks_upstream(node, lowered))
+    planner = TocaPlanner(cfg, lowered.regions, len(structure.blocks), structure.layout, spans, probed)
     return planner if planner.sites else "no cached site is left in the lowered graph"

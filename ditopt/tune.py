@@ -1,0 +1,440 @@
+"""`ditopt.tune`: the fastest configuration of your own model and sampler that meets a fidelity budget.
+
+    result = ditopt.tune(model, lambda fn, seed: my_sampler(fn, seed=seed), budget=30.0)
+    model = torch.compile(model, backend="ditopt", options=result.options)   # or {"config": "tuned.json"}
+
+`sample_fn(fn, case)` runs the user's sampler with `fn` in place of the model for one calibration case
+(a seed, a prompt: whatever the user passes in `cases`) and returns the output to compare. The tuner runs
+each case once at full compute (the reference), calibrates the skip guards from one run that decides
+nothing (AdaCache's metric and TeaCache's change per step), then measures candidates in stages:
+
+1. skip guards: AdaCache codebooks and TeaCache thresholds calibrated for rising speed-ups, each with
+   forecast orders 0, 1 and 2; a ladder stops once two rungs in a row miss the budget;
+2. tokens: ToCa (interval, ratio) on up to three skip configurations of the Pareto front that meet the
+   budget, and on none; AsymRnR schedules on the best so far;
+
+and keeps the fastest whose worst case meets the budget.  Speed is the FLOP ratio against full compute
+(counted exactly: candidates run with the eager lowering, which makes the same decisions as Inductor) or,
+with `speed="wall"`, the measured time per generation.  Dynamo's caches are reset between candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .checks import check_choice
+
+METRICS = ("psnr", "ssim")
+SPEEDS = ("flops", "wall")
+METHODS = ("adacache", "teacache", "toca", "asymrnr")
+SKIP_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
+FORECASTS = (1, 2, 0)
+# ToCa (interval, ratio), gentlest first: about 1/interval + (1 - 1/interval) * ratio of the rows computed.
+TOCA_LADDER = ((2, 0.5), (3, 0.5), (2, 0.3), (3, 0.3), (4, 0.3), (3, 0.1), (4, 0.1), (6, 0.1))
+ASYMRNR_LADDER = ((0.25, 0.1), (0.5, 0.3), (0.75, 0.5))
+MISSES_TO_STOP = 2
+REFINE_STEPS = 2  # bisection steps between a skip ladder's last rung that meets the budget and the next
+FULL = {"preset": "lossless", "invariants": False}
+
+
+@dataclass
+class Candidate:
+    """One measured configuration: its options (JSON), the metric per case and its worst, its cost."""
+
+    options: dict
+    stage: str
+    per_case: list[float]
+    flop_ratio: float
+    seconds: float | None = None  # mean seconds per generation (eager lowering), when timed
+
+    @property
+    def worst(self) -> float:
+        return min(self.per_case)
+
+    def speedup(self, full_seconds: float | None = None) -> float:
+        if full_seconds is not None and self.seconds:
+            return full_seconds / self.seconds
+        return 1.0 / self.flop_ratio if self.flop_ratio > 0 else math.inf
+
+    def to_dict(self, full_seconds: float | None = None) -> dict:
+        return {"options": self.options, "stage": self.stage, "worst": _number(self.worst),
+                "per_case": [_number(v) for v in self.per_case], "flop_ratio": round(self.flop_ratio, 4),
+                "seconds": None if self.seconds is None else round(self.seconds, 3),
+                "speedup": round(self.speedup(full_seconds), 3)}
+
+
+@dataclass
+class TuneResult:
+    """What `tune` chose (`options`), whether it meets the budget, and every candidate it measured."""
+
+    options: dict
+    chosen: Candidate
+    met: bool
+    budget: float
+    metric: str
+    speed: str
+    cases: list
+    candidates: list[Candidate]
+    full_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)  # methods left out, and why
+
+    def to_dict(self) -> dict:
+        return {"options": self.options,
+                "tune": {"metric": self.metric, "budget": self.budget, "met": self.met, "speed": self.speed,
+                         "cases": [repr(c) for c in self.cases], "chosen": self.chosen.to_dict(self.full_seconds),
+                         "full_seconds": self.full_seconds, "notes": self.notes,
+                         "candidates": [c.to_dict(self.full_seconds) for c in self.candidates]}}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the choice as JSON: `options={"config": path}` loads it (the "tune" section is a record)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """A Pareto plot: speed-up against the metric for every candidate, the chosen one marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        finite = [c for c in self.candidates if math.isfinite(c.worst)]
+        for stage in dict.fromkeys(c.stage for c in finite):
+            pts = [c for c in finite if c.stage == stage]
+            ax.scatter([c.worst for c in pts], [c.speedup(self.full_seconds) for c in pts], label=stage, s=22)
+        front = _pareto(finite, self.full_seconds)
+        ax.plot([c.worst for c in front], [c.speedup(self.full_seconds) for c in front], color="grey", lw=0.8,
+                label="Pareto front")
+        if math.isfinite(self.chosen.worst):
+            ax.scatter([self.chosen.worst], [self.chosen.speedup(self.full_seconds)], marker="*", s=260,
+                       color="crimson", zorder=5, label="chosen")
+        ax.axvline(self.budget, color="crimson", ls="--", lw=0.8, label=f"budget {self.budget:g}")
+        unit = " (dB)" if self.metric == "psnr" else ""
+        ax.set_xlabel(f"worst-case {self.metric.upper()}{unit} against full compute")
+        ax.set_ylabel("speed-up (" + ("wall time" if self.speed == "wall" else "FLOPs") + ")")
+        ax.set_title(title or f"ditopt tune: {len(self.candidates)} candidates")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tensor], budget: float = 30.0, *,
+         metric: str = "psnr", cases: Sequence = (0, 1), speed: str = "flops", margin: float = 0.0,
+         methods: Sequence[str] = METHODS, out: str | Path | None = None, plot: str | Path | None = None,
+         progress: bool = True) -> TuneResult:
+    """Search ditopt's joint space for the fastest configuration whose worst case meets `budget`.
+
+    `budget` is a floor on `metric` ("psnr" in dB, or "ssim") against full compute, over every case;
+    `margin` is added to it when choosing (headroom for inputs the tuner did not see).  `methods` limits
+    the search.  When no candidate meets the budget, the closest one is returned with a warning.
+    `out` writes the choice as JSON, `plot` a Pareto plot (PNG)."""
+    check_choice("tune metric", metric, METRICS)
+    check_choice("tune speed", speed, SPEEDS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"ditopt tune: methods {list(unknown) or list(methods)} are not valid; choose among "
+                         f"{list(METHODS)}")
+    if not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise ValueError(f"ditopt tune: budget must be a finite number (dB for psnr, 0..1 for ssim), got {budget!r}")
+    if metric == "ssim" and not 0.0 < budget <= 1.0:
+        raise ValueError(f"ditopt tune: an SSIM budget is in (0, 1], got {budget!r}")
+    cases = list(cases)
+    if not cases:
+        raise ValueError("ditopt tune: cases must hold at least one calibration case (a seed, a prompt, ...)")
+    search = _Search(model, sample_fn, metric, cases, speed, budget + margin, progress)
+    try:
+        search.reference()
+        skip = []
+        if "adacache" in methods:
+            skip += search.skip_ladders("adacache")
+        if "teacache" in methods:
+            skip += search.skip_ladders("teacache")
+        bases = [None, *_spread(_pareto([c for c in skip if search.meets(c)], search.full_seconds), 3)]
+        if "toca" in methods:
+            for base in bases:
+                search.ladder("toca", [_with(base, toca={"interval": i, "ratio": r}) for i, r in TOCA_LADDER])
+        if "asymrnr" in methods:
+            best = search.best()
+            start = best.options if best is not None and best.stage != "reference" else None
+            search.ladder("asymrnr", [_with(start, asymrnr={"q_ratio": q, "kv_ratio": kv})
+                                      for q, kv in ASYMRNR_LADDER])
+    finally:
+        search.close()
+    best = search.best()
+    met = best is not None
+    if best is None:
+        tried = [c for c in search.candidates if c.stage != "reference"]
+        if tried:
+            best = max(tried, key=lambda c: (c.worst, c.speedup(search.full_seconds)))
+            warnings.warn(f"ditopt tune: no candidate meets {metric} >= {budget + margin:g} on every case; returning "
+                          f"the closest ({metric} {best.worst:.4g} on its worst case, speed-up "
+                          f"{best.speedup(search.full_seconds):.2f}x); {{'preset': 'lossless'}} is exact",
+                          stacklevel=2)
+        else:
+            best = Candidate({"preset": "lossless"}, "reference", search.candidates[0].per_case, 1.0,
+                             search.full_seconds)
+            warnings.warn("ditopt tune: no method could accelerate these runs ("
+                          + ("; ".join(search.notes) or "too few steps to skip, or no site a method takes")
+                          + "); returning {'preset': 'lossless'}", stacklevel=2)
+    result = TuneResult(options=best.options, chosen=best, met=met, budget=budget + margin, metric=metric,
+                        speed=speed, cases=cases, candidates=search.candidates, full_seconds=search.full_seconds,
+                        notes=search.notes)
+    if out is not None:
+        result.save(out)
+    if plot is not None:
+        result.plot(plot)
+    return result
+
+
+def _number(value: float) -> float | str:
+    """A metric for JSON: rounded; "inf" for an output equal to full compute's (strict JSON has no Infinity)."""
+    return round(value, 4) if math.isfinite(value) else str(value)
+
+
+def _with(base: dict | None, **sections) -> dict:
+    options = dict(base) if base is not None else {"preset": "lossless"}
+    options.update(sections)
+    return options
+
+
+def _pareto(cands: list[Candidate], full_seconds: float | None) -> list[Candidate]:
+    """The candidates no other beats on both speed and the metric, by rising metric."""
+    front = []
+    for c in sorted(cands, key=lambda c: (-c.speedup(full_seconds), -c.worst)):
+        if not front or c.worst > front[-1].worst:
+            front.append(c)
+    return sorted(front, key=lambda c: c.worst)
+
+
+def _spread(front: list[Candidate], k: int) -> list[dict]:
+    """Up to k options spread along a front, its fastest end included."""
+    if len(front) <= k:
+        return [c.options for c in front]
+    picks = {round(i * (len(front) - 1) / (k - 1)) for i in range(k)}
+    return [front[i].options for i in sorted(picks)]
+
+
+class _Search:
+    def __init__(self, model, sample_fn, metric, cases, speed, floor, progress):
+        from tqdm.auto import tqdm
+
+        from .harness import metrics
+
+        self.model, self.sample_fn, self.metric, self.cases = model, sample_fn, metric, cases
+        self.speed, self.floor = speed, floor
+        self.score = {"psnr": metrics.psnr, "ssim": metrics.ssim}[metric]
+        self.candidates: list[Candidate] = []
+        self.notes: list[str] = []
+        self.refs: list[torch.Tensor] = []
+        self.full_flops = 0.0
+        self.full_seconds: float | None = None
+        self.calibration: dict[str, list[float]] = {}
+        self.bar = tqdm(desc="ditopt tune", unit="config", disable=not progress)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def meets(self, c: Candidate) -> bool:
+        return c.stage != "reference" and c.worst >= self.floor
+
+    def best(self) -> Candidate | None:
+        ok = [c for c in self.candidates if self.meets(c)]
+        return max(ok, key=lambda c: (c.speedup(self.full_seconds), c.worst)) if ok else None
+
+    # -- runs --------------------------------------------------------------------------------------------
+
+    def _sample(self, fn, case) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.sample_fn(fn, case)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"ditopt tune: sample_fn must return the sampler's output as a tensor (the latent or "
+                             f"the decoded video), got {type(out).__name__}")
+        return out.detach()
+
+    def _compiled(self, options: dict):
+        import ditopt
+
+        torch._dynamo.reset()
+        ditopt.reset(self.model)
+        return torch.compile(self.model, backend="ditopt", options={**options, "lowering": "eager"})
+
+    def reference(self) -> None:
+        """Full compute for every case (the references), and the FLOPs the runtime counts for it."""
+        from .runtime import count_flops
+
+        calls = [0]
+        handle = self.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        try:
+            start = time.perf_counter()
+            self.refs = [self._sample(self.model, case) for case in self.cases]
+            self.full_seconds = (time.perf_counter() - start) / len(self.cases) if self.speed == "wall" else None
+        finally:
+            handle.remove()
+        if calls[0] == 0:
+            raise ValueError("ditopt tune: sample_fn(fn, case) never called the model it was given; it must run "
+                             "the sampler with `fn` in place of the model (the tuner passes full-compute and "
+                             "compiled versions of it)")
+        fn = self._compiled(FULL)
+        with count_flops() as tally:
+            outs = [self._sample(fn, case) for case in self.cases]
+        if tally.flops == 0:
+            import ditopt
+
+            raise ValueError("ditopt tune: ditopt does not accelerate this model, so there is nothing to tune: "
+                             + ditopt.explain(self.model))
+        self.full_flops = tally.flops
+        self.candidates.append(Candidate(dict(FULL), "reference", [self.score(o, r) for o, r in zip(outs, self.refs)],
+                                         1.0, self.full_seconds))
+        self.bar.update(1)
+
+    def measure(self, options: dict, stage: str) -> Candidate | None:
+        """Run every case with these options; None (with a note) when the model does not take them."""
+        import ditopt
+        from .runtime import count_flops
+
+        known = next((c for c in self.candidates if c.options == options), None)
+        if known is not None:
+            return known
+        fn = self._compiled(options)
+        if self.speed == "wall":
+            self._sample(fn, self.cases[0])  # compiles, so the timed runs below do not
+            ditopt.reset(self.model)
+        values, start = [], time.perf_counter()
+        with count_flops() as tally:
+            for case, ref in zip(self.cases, self.refs):
+                ditopt.reset(self.model)
+                values.append(self.score(self._sample(fn, case), ref))
+        seconds = (time.perf_counter() - start) / len(self.cases) if self.speed == "wall" else None
+        cand = Candidate(options, stage, values, tally.flops / self.full_flops, seconds)
+        self.candidates.append(cand)
+        best = self.best()
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{stage} {self.metric} {cand.worst:.2f} x{cand.speedup(self.full_seconds):.2f}; best "
+                                 + (f"x{best.speedup(self.full_seconds):.2f}" if best else "none yet"))
+        return cand
+
+    def ladder(self, stage: str, rungs: list[dict]) -> list[Candidate]:
+        """Measure rungs, gentlest first, until MISSES_TO_STOP in a row miss the budget."""
+        out, misses = [], 0
+        for options in rungs:
+            cand = self.measure(options, stage)
+            out.append(cand)
+            misses = 0 if self.meets(cand) else misses + 1
+            if misses >= MISSES_TO_STOP:
+                break
+        return out
+
+    # -- skip guards -------------------------------------------------------------------------------------
+
+    def skip_ladders(self, method: str) -> list[Candidate]:
+        per_step = self._calibrate(method)
+        if per_step is None:
+            return []
+        out = []
+        for forecast in FORECASTS:
+            def rung(target: float) -> dict | None:
+                settings = _skip_settings(method, per_step, target)
+                return None if settings is None else {"preset": "lossless", method: {**settings, "forecast": forecast}}
+
+            targets = [t for t in SKIP_SPEEDUPS if rung(t) is not None]
+            tried = self.ladder(method, [rung(t) for t in targets])
+            out += tried
+            passed = [t for t, c in zip(targets, tried) if self.meets(c)]
+            above = [t for t, c in zip(targets, tried) if not self.meets(c) and (not passed or t > passed[-1])]
+            if passed and above:  # bisect between the fastest rung that meets the budget and the next that misses
+                lo, hi = passed[-1], above[0]
+                for _ in range(REFINE_STEPS):
+                    mid = round((lo + hi) / 2, 3)
+                    cand = self.measure(rung(mid), method)
+                    out.append(cand)
+                    lo, hi = (mid, hi) if self.meets(cand) else (lo, mid)
+        return out
+
+    def _calibrate(self, method: str) -> list[float] | None:
+        """The method's per-step signal over a run that always computes, averaged over cases and streams."""
+        import ditopt
+
+        never_skip = {"adacache": {"codebook": {math.inf: 1}, "last_steps": 0}, "teacache": {"threshold": 1e-12}}
+        key = {"adacache": "metrics", "teacache": "changes"}[method]
+        fn = self._compiled({"preset": "lossless", method: never_skip[method]})
+        for case in self.cases:
+            ditopt.reset(self.model)
+            self._sample(fn, case)
+        series = [g[method][key] for g in ditopt.stats(self.model)["generations"] if key in g.get(method, {})]
+        if not series:
+            why = "; ".join(dict.fromkeys(ditopt.stats(self.model)["fallbacks"])) or "no skip guard in its graphs"
+            self.notes.append(f"{method} left out: {why}")
+            return None
+        n = min(map(len, series))
+        return [sum((s[i] or 0.0) for s in series) / len(series) for i in range(n)]
+
+
+def _skip_settings(method: str, per_step: list[float], target: float) -> dict | None:
+    """The method's settings calibrated for a target speed-up; None when its schedules cannot reach it."""
+    if method == "adacache":
+        from ditopt.passes.adacache import calibrate_from_metrics
+
+        book, predicted = calibrate_from_metrics(per_step, target)
+        settings = {"codebook": {("inf" if k == math.inf else k): v for k, v in book.items()}}
+    else:
+        threshold, predicted = teacache_threshold(per_step, target)
+        settings = {"threshold": threshold}
+    return settings if predicted >= 0.9 * target else None
+
+
+def teacache_threshold(changes: Sequence[float | None], target_speedup: float, first_steps: int = 2,
+                       last_steps: int = 2) -> tuple[float, float]:
+    """A TeaCache threshold whose schedule computes about 1/target_speedup of the steps, given the relative
+    change measured at every step of an always-computing run. Returns (threshold, predicted speed-up)."""
+    from ditopt.passes.teacache.hook import teacache_decisions
+
+    values = [None if c is None else float(c) for c in changes]
+    n = len(values)
+
+    def speedup(threshold: float) -> float:
+        return n / sum(teacache_decisions(values, threshold, (1.0, 0.0), first_steps, last_steps))
+
+    lo, hi = 0.0, max(1e-6, sum(v for v in values if v is not None))
+    for _ in range(50):  # speed-up grows with the threshold
+        mid = (lo + hi) / 2
+        if speedup(mid) < target_speedup:
+            lo = mid
+        else:
+            hi = mid
+    return round(hi, 6), speedup(hi)
+
+
+def load_config(path: str | Path) -> dict:
+    """The options a config file holds: a JSON object of ditopt options, or one `tune` wrote ({"options": ...})."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"ditopt: config file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"ditopt: config file {str(path)!r} is not JSON ({err})") from None
+    if isinstance(data, dict) and "options" in data:
+        data = data["options"]
+    if not isinstance(data, dict):
+        raise ValueError(f"ditopt: config file {str(path)!r} must hold a JSON object of ditopt options")
+    if "config" in data:
+        raise ValueError(f"ditopt: config file {str(path)!r} names another config file; inline its options")
+    return data
+
+
+__all__ = ["Candidate", "TuneResult", "tune", "load_config", "teacache_threshold", "METRICS", "METHODS"]
