@@ -416,7 +416,7 @@ def teacache_threshold(changes: Sequence[float | None], target_speedup: float, f
             lo = mid
         else:
             hi = mid
-    return round(hi, 6), speedup(hi)
+    return hi, speedup(hi)  # unrounded: a rounded threshold can land on the other side of an edge
 
 
 def load_config(path: str | Path) -> dict:

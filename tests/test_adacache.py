@@ -446,3 +446,25 @@ def test_separate_cond_and_uncond_calls_take_one_decision_per_step():
     assert [g["stream"] for g in gens] == [0, 1]
     assert gens[0]["adacache"]["decisions"] == gens[1]["adacache"]["decisions"]
     assert "S" in gens[1]["adacache"]["decisions"] and gens[1]["blocks_skipped"] == gens[0]["blocks_skipped"]
+
+
+def test_separate_cond_and_uncond_calls_decide_what_the_batched_call_decides():
+    from ditopt.harness import fixture
+
+    model = fixture.load_fixture()
+    prompts = list(fixture.PROMPTS[:2])
+    outs, gens = {}, {}
+    for batched in (True, False):
+        torch._dynamo.reset()
+        ditopt.reset(model)
+        fn = torch.compile(model, backend="ditopt", options={"preset": "balanced", "lowering": "eager"})
+        outs[batched] = fixture.sample(fn, prompts, seed=2, steps=20, cfg_batched=batched)
+        gens[batched] = sorted(ditopt.stats(model)["generations"], key=lambda g: g["stream"])
+    (batched,), (cond, uncond) = gens[True], gens[False]
+    assert "S" in batched["adacache"]["decisions"]
+    assert cond["adacache"]["decisions"] == uncond["adacache"]["decisions"] == batched["adacache"]["decisions"]
+    # the lead stream's metric is the batched call's: the change of both streams' probes together (but at the
+    # last step, which no later step re-decides: it decides nothing)
+    assert cond["adacache"]["metrics"][1:-1] == pytest.approx(batched["adacache"]["metrics"][1:-1], rel=1e-4)
+    assert cond["adacache"]["metrics"][-1] != pytest.approx(batched["adacache"]["metrics"][-1], rel=1e-4)
+    assert (outs[False] - outs[True]).abs().max() < 1e-2  # the same schedule: float noise of batched matmuls

@@ -98,6 +98,17 @@ class _StreamAdaState:
     decisions: list = field(default_factory=list)
 
 
+@dataclass
+class _Pending:
+    """The lead stream's latest decision, open to the sums of the streams that compute after it at its step."""
+
+    step: int
+    progress: float
+    sums: list
+    prev_rate: int
+    prev_motion: float | None
+
+
 class AdaCachePolicy:
     """One shared schedule for all spans of a stream, decided from the probe's change."""
 
@@ -107,6 +118,7 @@ class AdaCachePolicy:
         self.frame_tokens = frame_tokens
         self.names = names  # the probes averaged into the metric
         self._lead: tuple[int, bool] | None = None  # (step, skip) of stream 0's latest call
+        self._pending: _Pending | None = None
 
     def new_state(self) -> _StreamAdaState:
         return _StreamAdaState()
@@ -119,6 +131,14 @@ class AdaCachePolicy:
 
     def begin_call(self, call, st: _StreamAdaState) -> None:
         cfg = self.cfg
+        pending = self._pending
+        if pending is not None and call.stream.index == 0 and call.step > pending.step:
+            self._pending = None
+            if len(pending.sums) > 1:  # separate cond / uncond calls: decide again from all of their sums
+                st.metrics.pop()
+                st.prev_rate, st.prev_motion = pending.prev_rate, pending.prev_motion
+                combined = [[sum(v) for v in zip(*pairs)] for pairs in zip(*pending.sums)]
+                self._decide(st, combined, pending.step, pending.progress)
         must = call.step < cfg.first_steps or in_last_steps(cfg.last_steps, cfg.num_steps, call.step,
                                                              call.stream.timesteps)
         st.skip = not must and call.step < st.next_compute
@@ -138,24 +158,46 @@ class AdaCachePolicy:
         if any(p is None for p in now):
             st.next_compute = call.step + 1
             return
-        rate, metric = 1, None
+        sums = None
         if st.cached_probe is not None:
-            sums = [relative_l1_sums(p, c) for p, c in zip(now, st.cached_probe)]
+            parts = [relative_l1_sums(p, c) for p, c in zip(now, st.cached_probe)]
             if self.cfg.moreg:
-                sums += [motion_sums(p, self.frames, self.frame_tokens) for p in now]
+                parts += [motion_sums(p, self.frames, self.frame_tokens) for p in now]
             # Summed over the context-parallel ranks first (a no-op in one process): one collective a step.
-            ratios = ratio(call.all_sum(torch.stack(sums))).tolist()  # the one host read of this step
-            k = len(now)
-            metric = sum(ratios[:k]) / k / st.prev_rate
+            sums = call.all_sum(torch.stack(parts)).tolist()  # the one host read of this step
+        st.cached_probe = [p.detach() for p in now]
+        pending = self._pending
+        if self.cfg.joint_streams and call.stream.index > 0 and pending is not None and pending.step == call.step:
+            # A later stream of this step: its change joins the lead's, which decides again when the next
+            # step begins (two separate calls then measure what one batched call would).
+            if sums is not None:
+                pending.sums.append(sums)
+            st.metrics.append(None if sums is None else self._metric(sums, pending.prev_rate))
+            return
+        progress = self._progress(call)
+        before = (st.prev_rate, st.prev_motion)
+        self._decide(st, sums, call.step, progress)
+        if call.stream.index == 0 and sums is not None:
+            self._pending = _Pending(call.step, progress, [sums], *before)
+
+    def _metric(self, sums: list, prev_rate: int) -> float:
+        k = len(self.names)
+        return sum(num / max(den, 1e-12) for num, den in sums[:k]) / k / prev_rate
+
+    def _decide(self, st: _StreamAdaState, sums: list | None, step: int, progress: float) -> None:
+        """The rate after computed step `step`, from its [num, den] sums per probe (then per motion probe)."""
+        rate, metric = 1, None
+        if sums is not None:
+            metric = self._metric(sums, st.prev_rate)
             if self.cfg.moreg:
+                k = len(self.names)
+                motion = sum(num / max(den, 1e-12) for num, den in sums[k:]) / k
                 lo, hi = self.cfg.moreg_window
-                factor, st.prev_motion = moreg_factor(sum(ratios[k:]) / k, st.prev_motion, st.prev_rate,
-                                                      lo <= self._progress(call) <= hi)
+                factor, st.prev_motion = moreg_factor(motion, st.prev_motion, st.prev_rate, lo <= progress <= hi)
                 metric *= factor
             rate = next_rate(metric, self.cfg.codebook)
         st.metrics.append(metric)
-        st.cached_probe = [p.detach() for p in now]
-        st.prev_rate, st.next_compute = rate, call.step + rate
+        st.prev_rate, st.next_compute = rate, step + rate
 
     def stats(self, st: _StreamAdaState) -> dict:
         kept = sum(p.numel() * p.element_size() for p in st.cached_probe or ())
