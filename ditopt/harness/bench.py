@@ -73,6 +73,7 @@ class Result:
     toca_computed_fraction: float | None = None  # rows ToCa's sites computed, of all their rows
     seconds_median: float | None = None  # over the timed generations
     seconds_max: float | None = None
+    psnr_per_seed: list | None = None  # psnr_db is the worst of these (the timed seed first)
 
 
 def config_names() -> list[str]:
@@ -205,6 +206,7 @@ def measure(
     flops: bool = True,
     cfg_batched: bool = False,
     lowering: str = "inductor",
+    other_seeds: list[Callable[[Callable], torch.Tensor]] = (),
 ) -> list[Result]:
     """Run `generate(fn)` (one whole sampling loop that calls fn) for each configuration and compare.
 
@@ -215,19 +217,21 @@ def measure(
     `cfg_batched` says that it batches CFG's two halves into one call (see `peer_config`).  A peer that
     does not apply to the model (no diffusers cache support, or its hooks fail) is left out with a warning.
     `lowering` is how the timed ditopt configurations are lowered ("eager" times the runtime's logic alone).
+    `other_seeds`: more sampling loops (other seeds or prompts), run once each after the timed ones; the
+    fidelity figures are then the worst over all of them.
     """
     from tqdm import tqdm
 
     check_configs(configs)
-    reference_out, reference_flops = None, None
+    reference_outs, reference_flops = None, None
     results, raw = [], []
     progress = tqdm(configs, desc="ditopt bench", unit="config")
     for name in progress:
         progress.set_postfix_str(name)
         try:
             ratios = magcache_ratios(model, generate) if name == "magcache" else None  # once: timing and FLOPs
-            how, first, times, out, peak_mb, seen = _timed_generations(model, name, generate, repeats, cfg_batched,
-                                                                       ratios, lowering)
+            how, first, times, outs, peak_mb, seen = _timed_generations(model, name, [generate, *other_seeds],
+                                                                        repeats, cfg_batched, ratios, lowering)
         except Exception as err:
             if name not in PEERS:
                 raise
@@ -243,8 +247,9 @@ def measure(
             warnings.warn(f"ditopt bench: {name} takes {steady * 1e3:.0f} ms per generation, too little for its "
                           "time to mean anything (per-call overheads and noise dominate); use a larger --size, "
                           "--batch or --steps for speed figures (the FLOP ratios stay exact)", stacklevel=2)
-        if name in ("eager", "inductor") and reference_out is None:
-            reference_out = out
+        if name in ("eager", "inductor") and reference_outs is None:
+            reference_outs = outs
+        psnrs = None if reference_outs is None else [round(psnr(o, r), 2) for o, r in zip(outs, reference_outs)]
         gflops, attention = (x / 1e9 for x in count_generation_flops(model, name, generate, cfg_batched, ratios)) if flops else (None, None)
         if gflops is not None and name in ("eager", "inductor") and reference_flops is None:
             reference_flops = gflops
@@ -253,14 +258,15 @@ def measure(
             seconds_per_generation=round(steady, 4), speedup_vs_inductor=None, speedup_vs_eager=None,
             compile_seconds=round(max(0.0, first - steady), 2),
             gflops_per_generation=round(gflops, 3) if gflops is not None else None, flop_ratio=None,
-            psnr_db=None if reference_out is None else round(psnr(out, reference_out), 2),
-            ssim=None if reference_out is None else round(ssim(out, reference_out), 4),
+            psnr_db=None if psnrs is None else min(psnrs),
+            ssim=None if reference_outs is None else round(min(ssim(o, r) for o, r in zip(outs, reference_outs)), 4),
             blocks_skipped_fraction=None if skipped is None else round(skipped, 4),
             peak_memory_mb=peak_mb,
             attention_gflops=None if attention is None else round(attention, 3),
             matching_gflops=asym and round(asym[0], 4), video_attention_fraction=asym and asym[1],
             toca_computed_fraction=toca,
             seconds_median=round(statistics.median(times), 4), seconds_max=round(max(times), 4),
+            psnr_per_seed=psnrs,
         ))
         raw.append((name, steady, gflops))
     times = {name: steady for name, steady, _ in raw}
@@ -274,14 +280,16 @@ def measure(
     return results
 
 
-def _timed_generations(model, name: str, generate: Callable, repeats: int, cfg_batched: bool,
+def _timed_generations(model, name: str, generates: list[Callable], repeats: int, cfg_batched: bool,
                        mag_ratios: list[float] | None, lowering: str = "inductor"):
-    """Warm up (compiling), then time `repeats` generations: (how, first seconds, timed seconds, last output,
-    peak memory of the timed generations, ditopt generations recorded before the last one)."""
+    """Warm up (compiling), then time `repeats` generations of the first loop, then run each other loop once:
+    (how, first seconds, timed seconds, the last output of each loop, peak memory of the timed generations,
+    ditopt generations recorded before the last timed one)."""
     import ditopt
 
     torch._dynamo.reset()
     ditopt.reset(model)
+    generate = generates[0]
     fn, how, cleanup = _prepare(model, name, lowering, cfg_batched=cfg_batched, mag_ratios=mag_ratios)
     try:
         start = time.perf_counter()
@@ -295,7 +303,13 @@ def _timed_generations(model, name: str, generate: Callable, repeats: int, cfg_b
             start = time.perf_counter()
             out = generate(fn)
             times.append(time.perf_counter() - start)
-        return how, first, times, out, _peak_memory_mb(), seen  # peak: not compiling, not counting FLOPs
+        peak = _peak_memory_mb()  # not compiling, not counting FLOPs
+        stats_seen = len(ditopt.stats(model)["generations"])
+        outs = [out]
+        for other in generates[1:]:
+            ditopt.reset(model)
+            outs.append(other(fn))
+        return how, first, times, outs, peak, slice(seen, stats_seen)
     finally:
         cleanup()
 
@@ -343,12 +357,12 @@ def _skipped_fraction(model) -> float:
     return skipped / (computed + skipped) if computed + skipped else 0.0
 
 
-def _asymrnr_figures(model, seen: int) -> tuple[float, float] | None:
+def _asymrnr_figures(model, seen: slice) -> tuple[float, float] | None:
     """(matching GFLOPs, video-video attention fraction) of the last run (generations after the first
-    `seen`), if AsymRnR ran."""
+    `seen`: the last timed one), if AsymRnR ran."""
     import ditopt
 
-    gens = [g for g in ditopt.stats(model)["generations"][seen:] if "asymrnr" in g]
+    gens = [g for g in ditopt.stats(model)["generations"][seen] if "asymrnr" in g]
     if not gens:
         return None
     pairs = sum(g["asymrnr"]["video_pairs"] for g in gens)
@@ -356,11 +370,11 @@ def _asymrnr_figures(model, seen: int) -> tuple[float, float] | None:
     return sum(g["asymrnr"]["matching_gflops"] for g in gens), round(pairs / max(1, full), 4)
 
 
-def _toca_fraction(model, seen: int) -> float | None:
+def _toca_fraction(model, seen: slice) -> float | None:
     """The fraction of ToCa's site rows computed in the last run, if ToCa ran."""
     import ditopt
 
-    gens = [g["toca"] for g in ditopt.stats(model)["generations"][seen:] if "toca" in g]
+    gens = [g["toca"] for g in ditopt.stats(model)["generations"][seen] if "toca" in g]
     if not gens:
         return None
     return round(sum(g["rows_computed"] for g in gens) / max(1, sum(g["rows_total"] for g in gens)), 4)
@@ -413,6 +427,35 @@ def to_markdown(results: list[Result], title: str) -> str:
         row = asdict(r)
         lines.append("| " + " | ".join("" if row[c] is None else str(row[c]) for c in cols) + " |")
     return "\n".join(lines)
+
+
+# issue 19's targets for the presets on the fixture: (speed-up vs Inductor, worst-seed PSNR floor), and the factor
+# over the fastest diffusers cache at equal or better PSNR
+TARGETS = {"quality": (2.0, 35.0), "balanced": (3.0, 30.0), "fast": (4.5, 25.0)}
+PEER_FACTOR = 1.3
+
+
+def targets(results: list[Result]) -> list[str]:
+    """One line per preset in `results`: its measured speed-up and worst-seed PSNR against its targets."""
+    lines, peers = [], [r for r in results if r.config in PEERS and r.speedup_vs_inductor is not None]
+    for r in results:
+        if r.config not in TARGETS or r.speedup_vs_inductor is None or r.psnr_db is None:
+            continue
+        speed, floor = TARGETS[r.config]
+        met = r.speedup_vs_inductor >= speed and r.psnr_db >= floor
+        line = (f"{r.config}: {r.speedup_vs_inductor:.2f}x at {r.psnr_db:.2f} dB (target >= {speed}x at >= {floor} dB): "
+                + ("met" if met else "not met"))
+        rivals = [p for p in peers if p.psnr_db is not None and p.psnr_db >= r.psnr_db]
+        if rivals:
+            best = max(rivals, key=lambda p: p.speedup_vs_inductor)
+            factor = r.speedup_vs_inductor / best.speedup_vs_inductor
+            line += (f"; {factor:.2f}x the fastest diffusers cache at >= {r.psnr_db:.2f} dB ({best.config}, "
+                     f"{best.speedup_vs_inductor:.2f}x at {best.psnr_db:.2f} dB; target >= {PEER_FACTOR}x): "
+                     + ("met" if factor >= PEER_FACTOR else "not met"))
+        elif peers:
+            line += f"; no diffusers cache measured reaches {r.psnr_db:.2f} dB"
+        lines.append(line)
+    return lines
 
 
 EXACT_DB = 60.0  # PSNR at or above this (or infinite: identical output) is drawn in the "exact" column

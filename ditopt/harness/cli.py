@@ -47,29 +47,36 @@ def _bench(args) -> int:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    seeds = args.seeds or [args.seed]
     if args.model == "fixture":
         from . import fixture
 
         model = fixture.load_fixture()
-        prompts = list(fixture.PROMPTS[: args.batch])
+        prompts = list(fixture.PROMPTS[args.prompt_start: args.prompt_start + args.batch])
 
-        def generate(fn):
-            return fixture.sample(fn, prompts, seed=args.seed, steps=args.steps,
-                                  on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
+        def loop(seed):
+            return lambda fn: fixture.sample(fn, prompts, seed=seed, steps=args.steps,
+                                             on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
 
-        title = f"fixture (WanTransformer3DModel), {args.steps} steps, batch {len(prompts)} with CFG"
+        title = (f"fixture (WanTransformer3DModel), {args.steps} steps, prompts {args.prompt_start}.."
+                 f"{args.prompt_start + len(prompts) - 1} with CFG, seeds {' '.join(map(str, seeds))}")
     else:
         case = models.build(args.model, args.size)
         model = case.model
-        inputs = case.inputs(args.batch, args.seed)
         latent = "x" if args.model == "stdit" else "hidden_states"
-        generate = bench.euler_loop(inputs, args.steps, latent, models.call)
-        title = f"{args.model} ({args.size}), {args.steps} steps, batch {args.batch}"
+
+        def loop(seed):
+            return bench.euler_loop(case.inputs(args.batch, seed), args.steps, latent, models.call)
+        title = f"{args.model} ({args.size}), {args.steps} steps, batch {args.batch}, seeds {' '.join(map(str, seeds))}"
     with torch.no_grad():
-        results = bench.measure(model, generate, args.configs, repeats=args.repeats, flops=not args.no_flops,
-                                cfg_batched=args.model == "fixture")
+        results = bench.measure(model, loop(seeds[0]), args.configs, repeats=args.repeats, flops=not args.no_flops,
+                                cfg_batched=args.model == "fixture", other_seeds=[loop(s) for s in seeds[1:]])
     print(bench.to_markdown(results, title))
-    print("peak_memory_mb: the CUDA allocator's peak over the timed generations (empty on the CPU)")
+    print("peak_memory_mb: the CUDA allocator's peak over the timed generations (empty on the CPU); times and "
+          f"FLOPs: seed {seeds[0]}; psnr_db, ssim: the worst over the seeds")
+    if args.model == "fixture":
+        print(f"\nTargets ({title}; wall time against Inductor, full compute):")
+        print("\n".join(bench.targets(results)) or "no preset among the configurations")
     if args.out:
         bench.write(results, Path(args.out), title)
     return 0
@@ -177,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds: the first is timed, fidelity is the worst over all (default: --seed)")
+    b.add_argument("--prompt-start", type=int, default=0, help="fixture: index of the first prompt (default 0)")
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     b.add_argument("--no-flops", action="store_true", help="skip the FLOP count (an extra eager run per config)")
