@@ -33,7 +33,7 @@ METHOD_CONFIGS = {
     "toca": {"preset": "lossless", "toca": {"interval": 3, "ratio": 0.1}},
     **{f"toca-{ref}": {"preset": "lossless", "toca": {"reference": ref}} for ref in ("dit", "pixart", "opensora")},
 }
-PEERS = ("fbcache", "pab", "fastercache", "taylorseer", "magcache")
+PEERS = ("fbcache", "pab", "fastercache", "taylorseer", "magcache", "seacache", "textkvcache")
 SMALL_SECONDS = 0.5  # a generation shorter than this is timed with a warning
 
 
@@ -153,6 +153,10 @@ def peer_config(name: str, clock: _Clock = _Clock(), cfg_batched: bool = False, 
         if mag_ratios is None:
             raise ValueError("MagCache needs this model's mag_ratios: calibrate them with bench.magcache_ratios")
         return diffusers.MagCacheConfig(mag_ratios=mag_ratios, num_inference_steps=len(mag_ratios))
+    if name == "seacache":
+        return diffusers.SeaCacheConfig()  # its defaults: threshold 0.25, linear residual prediction
+    if name == "textkvcache":
+        return diffusers.TextKVCacheConfig()  # exact: the text's K/V once per generation (ditopt's `invariants`)
     raise ValueError(f"unknown peer {name!r}; choose one of {list(PEERS)}")
 
 
@@ -402,11 +406,12 @@ def euler_loop(model_inputs: dict, steps: int, latent_key: str, call: Callable) 
         x = model_inputs[latent_key].clone()
         batch = x.shape[0]
         with torch.no_grad():
-            for t in torch.linspace(999, 0, steps):
+            for step, t in enumerate(torch.linspace(999, 0, steps)):
                 CLOCK.t = float(t)
                 inputs = {**model_inputs, latent_key: x, "timestep": t.expand(batch).to(x.device)}
                 context = getattr(fn, "cache_context", None)  # as pipelines do, for diffusers' cache hooks
-                with context("denoise") if context is not None else contextlib.nullcontext():
+                where = dict(step_index=step, num_inference_steps=steps, timestep=float(t), sigma=float(t) / 1000)
+                with context("denoise", **where) if context is not None else contextlib.nullcontext():
                     out = call(fn, inputs)
                 for dim, (a, b) in enumerate(zip(out.shape, x.shape)):
                     if a != b:  # learned-sigma models predict extra channels: keep the first ones

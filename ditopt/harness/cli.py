@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--size", choices=SIZES, default="tiny")
     b.add_argument("--configs", nargs="+", default=["eager", "inductor", "lossless", "quality", "balanced", "fast",
                                                      "asymrnr", "toca", "fbcache", "pab", "fastercache",
-                                                     "taylorseer", "magcache"],
+                                                     "taylorseer", "magcache", "seacache", "textkvcache"],
                    help="configurations to compare (default: full compute, every preset, each single method "
                         f"and diffusers' caches); names: {', '.join(bench.config_names())}, "
                         "or ditopt:<options as JSON>")
