@@ -1,10 +1,11 @@
 """Worst-seed PSNR and FLOP ratio of ditopt configurations on the fixture, against full compute.
 
     python examples/fidelity.py '{"preset": "lossless", "asymrnr": {"q_ratio": 0.25, "kv_ratio": 0}}' \\
-        [--prompts 4] [--seeds 0 1] [--steps 30]
+        [--prompts 4] [--prompt-start 0] [--seeds 0 1] [--steps 30] [--separate-cfg]
 
-Each configuration runs with the eager lowering (FLOPs counted exactly by the runtime) on the first
-`--prompts` fixture prompts, batched CFG, once per seed; PSNR is against the same seed at full compute.
+Each configuration runs with the eager lowering (FLOPs counted exactly by the runtime) on `--prompts`
+fixture prompts from `--prompt-start`, batched CFG, once per seed; PSNR is against the same seed at full
+compute.  `{"config": "tuned.json"}` measures what `ditopt tune` wrote.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("options", nargs="+", help="ditopt options, one JSON object per configuration")
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompt-start", type=int, default=0, help="index of the first fixture prompt")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--separate-cfg", action="store_true", help="cond and uncond as two calls per step")
@@ -35,7 +37,7 @@ def main() -> None:
 
     batched = not args.separate_cfg
     model = fixture.load_fixture()
-    prompts = list(fixture.PROMPTS[: args.prompts])
+    prompts = list(fixture.PROMPTS[args.prompt_start: args.prompt_start + args.prompts])
     with torch.no_grad():
         full, full_flops = {}, {}
         for seed in args.seeds:
