@@ -392,6 +392,23 @@ class _CollectiveCounter(TorchDispatchMode):
         return out
 
 
+def register_cpu_sdpa_flops() -> None:
+    """On the CPU, SDPA runs as an op that torch's FLOP registry has no formula for (it would count 0, and
+    every attention saving with it): register the SDPA formula for it. Idempotent; run at import."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+register_cpu_sdpa_flops()
+
+
 def attention_flops(counter) -> int:
     """The FLOPs a FlopCounterMode counted in scaled-dot-product attention ops."""
     return sum(n for op, n in counter.get_flop_counts().get("Global", {}).items() if "scaled_dot_product" in str(op))

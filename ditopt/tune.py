@@ -156,6 +156,7 @@ def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tens
     cases = list(cases)
     if not cases:
         raise ValueError("ditopt tune: cases must hold at least one calibration case (a seed, a prompt, ...)")
+    model = getattr(model, "_orig_mod", model)  # the module itself, also when given its torch.compile wrapper
     search = _Search(model, sample_fn, metric, cases, speed, budget + margin, progress)
     try:
         search.reference()

@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ditopt
-from ditopt.harness import bench, fixture  # noqa: F401  (bench registers the CPU SDPA FLOP formula)
+from ditopt.harness import fixture
 from ditopt.harness.metrics import psnr
 from ditopt.runtime import count_flops
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import ditopt
 from ditopt.harness import fixture
-from ditopt.harness.bench import compile_config, count_generation_flops  # also registers the CPU SDPA FLOP formula
+from ditopt.harness.bench import compile_config, count_generation_flops
 from ditopt.harness.metrics import psnr, ssim
 
 PROMPTS = ["red square moving right", "blue circle moving down", "green square moving up", "yellow circle moving left"]

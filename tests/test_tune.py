@@ -136,3 +136,13 @@ def test_the_pareto_front_holds_exactly_the_undominated_candidates(points):
 
     assert all(not dominates(c, f) for f in front for c in cands)
     assert all(any(f.worst >= c.worst and f.speedup() >= c.speedup() for f in front) for c in cands)
+
+
+def test_importing_ditopt_alone_counts_attention_flops_on_the_cpu():
+    import subprocess
+    import sys
+
+    code = ("import torch, ditopt\nfrom torch.utils.flop_counter import flop_registry\n"
+            "print(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default in flop_registry)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"  # tune, fidelity and every FLOP ratio see attention without the bench

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from .metrics import psnr, ssim
 
@@ -35,22 +35,6 @@ METHOD_CONFIGS = {
 }
 PEERS = ("fbcache", "pab", "fastercache", "taylorseer", "magcache", "seacache", "textkvcache")
 SMALL_SECONDS = 0.5  # a generation shorter than this is timed with a warning
-
-
-def _register_cpu_sdpa_flops() -> None:
-    """On the CPU, SDPA runs as an op that torch's FLOP registry has no formula for (counts as 0)."""
-    from torch.utils.flop_counter import flop_registry
-
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if op.default in flop_registry:
-        return
-
-    @register_flop_formula(op)
-    def _(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-_register_cpu_sdpa_flops()
 
 
 @dataclass
