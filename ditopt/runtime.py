@@ -398,7 +398,7 @@ def register_cpu_sdpa_flops() -> None:
     from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
 
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if op.default in flop_registry:
+    if op in flop_registry:  # the counter looks ops up by their overload packet
         return
 
     @register_flop_formula(op)
