@@ -142,3 +142,15 @@ def test_cli_refuses_a_bad_configuration_before_any_work_and_lists_the_names():
     helptext = subprocess.run([sys.executable, "-m", "ditopt", "bench", "--help"], capture_output=True, text=True).stdout
     flat = "".join(helptext.split())  # argparse wraps lines, at hyphens too
     assert "asymrnr-adaptive" in flat and "ditopt:<optionsasJSON>" in flat
+
+
+def test_a_peer_name_with_settings_builds_its_config_with_them_and_a_bad_key_is_refused():
+    bench.check_configs(['fbcache:{"threshold": 0.3}', "seacache", "textkvcache"])
+    assert bench.peer_of('fbcache:{"threshold": 0.3}') == ("fbcache", {"threshold": 0.3})
+    assert bench.peer_of("balanced") is None
+    assert bench.peer_config("fbcache", settings={"threshold": 0.3}).threshold == 0.3
+    assert bench.peer_config("taylorseer", settings={"cache_interval": 2}).cache_interval == 2
+    with pytest.raises(ValueError, match=r"\['thresh'\] are not FirstBlockCacheConfig arguments; valid: \['threshold'\]"):
+        bench.check_configs(['fbcache:{"thresh": 0.3}'])
+    with pytest.raises(ValueError, match="not JSON"):
+        bench.check_configs(["fbcache:{threshold}"])

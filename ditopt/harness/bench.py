@@ -75,9 +75,11 @@ def check_configs(names: list[str]) -> None:
                 ditopt.Config.from_options(json.loads(name[len("ditopt:"):]))
             except (json.JSONDecodeError, ValueError) as err:
                 raise ValueError(f"ditopt bench: configuration {name!r}: {err}") from None
+        elif peer_of(name) is not None:
+            _check_peer_settings(*peer_of(name))
         elif name not in config_names():
             raise ValueError(f"ditopt bench: unknown configuration {name!r}; use one of {', '.join(config_names())}, "
-                             "or ditopt:<options as JSON>")
+                             "ditopt:<options as JSON>, or <peer>:<its settings as JSON>")
 
 
 def compile_config(model: torch.nn.Module, name: str, lowering: str = "inductor"):
@@ -105,8 +107,39 @@ class _Clock:
     t = 1000.0
 
 
-def peer_config(name: str, clock: _Clock = _Clock(), cfg_batched: bool = False, mag_ratios: list[float] | None = None):
-    """diffusers' own cache for a peer name, with the settings its docs give for video models.
+def peer_of(name: str) -> tuple[str, dict] | None:
+    """(peer, settings) for a diffusers cache's configuration name, 'fbcache' or 'fbcache:{"threshold": 0.3}'
+    (JSON settings passed to its config over the bench's); None for any other name."""
+    peer, _, settings = name.partition(":")
+    if peer not in PEERS:
+        return None
+    try:
+        extra = json.loads(settings) if settings else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"ditopt bench: configuration {name!r}: its settings are not JSON ({err})") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"ditopt bench: configuration {name!r}: settings must be a JSON object")
+    return peer, extra
+
+
+def _check_peer_settings(peer: str, settings: dict) -> None:
+    import inspect
+
+    import diffusers
+
+    config = {"fbcache": "FirstBlockCacheConfig", "pab": "PyramidAttentionBroadcastConfig",
+              "fastercache": "FasterCacheConfig", "taylorseer": "TaylorSeerCacheConfig", "magcache": "MagCacheConfig",
+              "seacache": "SeaCacheConfig", "textkvcache": "TextKVCacheConfig"}[peer]
+    valid = set(inspect.signature(getattr(diffusers, config)).parameters)
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise ValueError(f"ditopt bench: {peer} settings {unknown} are not {config} arguments; valid: {sorted(valid)}")
+
+
+def peer_config(name: str, clock: _Clock = _Clock(), cfg_batched: bool = False, mag_ratios: list[float] | None = None,
+                settings: dict | None = None):
+    """diffusers' own cache for a peer name, with the settings its docs give for video models, then
+    `settings` (keyword arguments of its config) over them.
 
     `cfg_batched`: the sampler batches the unconditional and conditional inputs into one call (by
     keyword, unconditional half first), so FasterCache may also skip the unconditional half.
@@ -116,32 +149,37 @@ def peer_config(name: str, clock: _Clock = _Clock(), cfg_batched: bool = False, 
 
     if name == "fbcache":
         # 0.05 (the default) never skips on the fixture, whose per-step changes are larger
-        return diffusers.FirstBlockCacheConfig(threshold=0.2)
-    if name == "pab":
-        return diffusers.PyramidAttentionBroadcastConfig(
+        config, kwargs = diffusers.FirstBlockCacheConfig, dict(threshold=0.2)
+    elif name == "pab":
+        config, kwargs = diffusers.PyramidAttentionBroadcastConfig, dict(
             spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
             current_timestep_callback=lambda: clock.t)
-    if name == "fastercache":
+    elif name == "fastercache":
         # diffusers' documented video settings (its CogVideoX example); the model's output is [B, C, F, H, W]
-        return diffusers.FasterCacheConfig(
+        config, kwargs = diffusers.FasterCacheConfig, dict(
             spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
             attention_weight_callback=lambda _: 0.3, unconditional_batch_skip_range=5,
             unconditional_batch_timestep_skip_range=(-1, 781), tensor_format="BCFHW",
             is_guidance_distilled=not cfg_batched, current_timestep_callback=lambda: clock.t)
-    if name == "taylorseer":
+    elif name == "taylorseer":
         # without identifiers TaylorSeer hooks no module at all: predict whole blocks
-        return diffusers.TaylorSeerCacheConfig(cache_interval=5, disable_cache_before_step=3, max_order=1,
-                                               taylor_factors_dtype=torch.float32,
-                                               cache_identifiers=[r"(blocks|transformer_blocks)\.\d+"])
-    if name == "magcache":
+        config, kwargs = diffusers.TaylorSeerCacheConfig, dict(
+            cache_interval=5, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=torch.float32,
+            cache_identifiers=[r"(blocks|transformer_blocks)\.\d+"])
+    elif name == "magcache":
         if mag_ratios is None:
             raise ValueError("MagCache needs this model's mag_ratios: calibrate them with bench.magcache_ratios")
-        return diffusers.MagCacheConfig(mag_ratios=mag_ratios, num_inference_steps=len(mag_ratios))
-    if name == "seacache":
-        return diffusers.SeaCacheConfig()  # its defaults: threshold 0.25, linear residual prediction
-    if name == "textkvcache":
-        return diffusers.TextKVCacheConfig()  # exact: the text's K/V once per generation (ditopt's `invariants`)
-    raise ValueError(f"unknown peer {name!r}; choose one of {list(PEERS)}")
+        config, kwargs = diffusers.MagCacheConfig, dict(mag_ratios=mag_ratios, num_inference_steps=len(mag_ratios))
+    elif name == "seacache":
+        config, kwargs = diffusers.SeaCacheConfig, {}  # its defaults: threshold 0.25, linear residual prediction
+    elif name == "textkvcache":
+        config, kwargs = diffusers.TextKVCacheConfig, {}  # exact: the text's K/V once per generation
+    else:
+        raise ValueError(f"unknown peer {name!r}; choose one of {list(PEERS)}")
+    try:
+        return config(**{**kwargs, **(settings or {})})
+    except TypeError as err:
+        raise ValueError(f"ditopt bench: {name} settings {settings}: {err}") from None
 
 
 def magcache_ratios(model: torch.nn.Module, generate: Callable) -> list[float]:
@@ -178,8 +216,9 @@ CLOCK = _Clock()
 def _prepare(model: torch.nn.Module, name: str, lowering: str = "inductor", cfg_batched: bool = False,
              mag_ratios: list[float] | None = None):
     """(callable, how it runs, cleanup) for a configuration name."""
-    if name in PEERS:
-        model.enable_cache(peer_config(name, CLOCK, cfg_batched, mag_ratios))
+    peer = peer_of(name)
+    if peer is not None:
+        model.enable_cache(peer_config(peer[0], CLOCK, cfg_batched, mag_ratios, peer[1]))
         return model, "eager + diffusers hooks", model.disable_cache
     fn = compile_config(model, name, lowering)
     how = "eager" if fn is model else ("inductor" if name == "inductor" else f"ditopt ({lowering})")
@@ -217,16 +256,17 @@ def measure(
     for name in progress:
         progress.set_postfix_str(name)
         try:
-            ratios = magcache_ratios(model, generate) if name == "magcache" else None  # once: timing and FLOPs
+            peer = peer_of(name)
+            ratios = magcache_ratios(model, generate) if peer and peer[0] == "magcache" else None  # timing, FLOPs
             how, first, times, outs, peak_mb, seen = _timed_generations(model, name, [generate, *other_seeds],
                                                                         repeats, cfg_batched, ratios, lowering)
         except Exception as err:
-            if name not in PEERS:
+            if peer is None:
                 raise
             warnings.warn(f"ditopt bench: diffusers' {name} does not apply to {type(model).__name__} and is left "
                           f"out ({type(err).__name__}: {err})", stacklevel=2)
             continue
-        ours = name not in ("eager", "inductor", *PEERS)
+        ours = name not in ("eager", "inductor") and peer is None
         skipped = _skipped_fraction(model) if ours else None
         asym = _asymrnr_figures(model, seen) if ours else None
         toca = _toca_fraction(model, seen) if ours else None
@@ -316,7 +356,7 @@ def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable
 
     torch._dynamo.reset()
     ditopt.reset(model)
-    if name == "magcache" and mag_ratios is None:
+    if (peer_of(name) or ("",))[0] == "magcache" and mag_ratios is None:
         mag_ratios = magcache_ratios(model, generate)
     fn, _, cleanup = _prepare(model, name, "eager", cfg_batched, mag_ratios)
     try:
@@ -426,7 +466,7 @@ PEER_FACTOR = 1.3
 
 def targets(results: list[Result]) -> list[str]:
     """One line per preset in `results`: its measured speed-up and worst-seed PSNR against its targets."""
-    lines, peers = [], [r for r in results if r.config in PEERS and r.speedup_vs_inductor is not None]
+    lines, peers = [], [r for r in results if peer_of(r.config) and r.speedup_vs_inductor is not None]
     for r in results:
         if r.config not in TARGETS or r.speedup_vs_inductor is None or r.psnr_db is None:
             continue
