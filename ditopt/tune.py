@@ -146,9 +146,8 @@ def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tens
     `budget` is a floor on `metric` ("psnr" in dB, or "ssim") against full compute, over every case;
     `margin` is added to it when choosing: headroom for inputs the tuner did not see (None: 2 dB for PSNR,
     which kept the fixture's floors on prompts and seeds it had not seen, and 0 for SSIM; 0 chooses at the
-    edge of the calibration runs).  `methods` limits
-    the search.  When no candidate meets the budget, the closest one is returned with a warning.
-    `out` writes the choice as JSON, `plot` a Pareto plot (PNG)."""
+    edge of the calibration runs).  `methods` limits the search.  When no candidate meets the budget, the
+    closest one is returned with a warning.  `out` writes the choice as JSON, `plot` a Pareto plot (PNG)."""
     check_choice("tune metric", metric, METRICS)
     check_choice("tune speed", speed, SPEEDS)
     unknown = [m for m in methods if m not in METHODS]
@@ -167,42 +166,10 @@ def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tens
     model = getattr(model, "_orig_mod", model)  # the module itself, also when given its torch.compile wrapper
     search = _Search(model, sample_fn, metric, cases, speed, budget + margin, progress)
     try:
-        search.reference()
-        skip = []
-        if "adacache" in methods:
-            skip += search.skip_ladders("adacache")
-        if "teacache" in methods:
-            skip += search.skip_ladders("teacache")
-        bases = [None, *_spread(_pareto([c for c in skip if search.meets(c)], search.full_seconds), 3)]
-        if "toca" in methods:
-            for base in bases:
-                search.ladder("toca", [_with(base, toca={"interval": i, "ratio": r}) for i, r in TOCA_LADDER])
-        if "asymrnr" in methods:
-            best = search.best()
-            start = best.options if best is not None and best.stage != "reference" else None
-            search.ladder("asymrnr", [_with(start, asymrnr={"q_ratio": q, "kv_ratio": kv})
-                                      for q, kv in ASYMRNR_LADDER])
+        search.run(methods)
     finally:
         search.close()
-    best = search.best()
-    met = best is not None
-    if best is None:
-        tried = [c for c in search.candidates if c.stage != "reference"]
-        if tried:
-            best = max(tried, key=lambda c: (c.worst, c.speedup(search.full_seconds)))
-            warnings.warn(f"ditopt tune: no candidate meets {metric} >= {budget + margin:g} on every case; returning "
-                          f"the closest ({metric} {best.worst:.4g} on its worst case, speed-up "
-                          f"{best.speedup(search.full_seconds):.2f}x); {{'preset': 'lossless'}} is exact",
-                          stacklevel=2)
-        else:
-            best = Candidate({"preset": "lossless"}, "reference", search.candidates[0].per_case, 1.0,
-                             search.full_seconds)
-            warnings.warn("ditopt tune: no method could accelerate these runs ("
-                          + ("; ".join(search.notes) or "too few steps to skip, or no site a method takes")
-                          + "); returning {'preset': 'lossless'}", stacklevel=2)
-    result = TuneResult(options=best.options, chosen=best, met=met, budget=budget + margin, metric=metric,
-                        speed=speed, cases=cases, candidates=search.candidates, full_seconds=search.full_seconds,
-                        notes=search.notes)
+    result = search.result()
     if out is not None:
         result.save(out)
     if plot is not None:
@@ -264,6 +231,39 @@ class _Search:
     def best(self) -> Candidate | None:
         ok = [c for c in self.candidates if self.meets(c)]
         return max(ok, key=lambda c: (c.speedup(self.full_seconds), c.worst)) if ok else None
+
+    def run(self, methods: Sequence[str]) -> None:
+        """The stages of the search (module docstring), for the methods asked for."""
+        self.reference()
+        skip = []
+        for method in ("adacache", "teacache"):
+            if method in methods:
+                skip += self.skip_ladders(method)
+        if "toca" in methods:
+            bases = [None, *_spread(_pareto([c for c in skip if self.meets(c)], self.full_seconds), 3)]
+            for base in bases:
+                self.ladder("toca", [_with(base, toca={"interval": i, "ratio": r}) for i, r in TOCA_LADDER])
+        if "asymrnr" in methods:
+            best = self.best()
+            self.ladder("asymrnr", [_with(best and best.options, asymrnr={"q_ratio": q, "kv_ratio": kv})
+                                    for q, kv in ASYMRNR_LADDER])
+
+    def result(self) -> TuneResult:
+        """The fastest candidate that meets the floor; else the closest one, or lossless, with a warning."""
+        best, tried = self.best(), [c for c in self.candidates if c.stage != "reference"]
+        if best is None and tried:
+            best = max(tried, key=lambda c: (c.worst, c.speedup(self.full_seconds)))
+            warnings.warn(f"ditopt tune: no candidate meets {self.metric} >= {self.floor:g} on every case; "
+                          f"returning the closest ({self.metric} {best.worst:.4g} on its worst case, speed-up "
+                          f"{best.speedup(self.full_seconds):.2f}x); {{'preset': 'lossless'}} is exact", stacklevel=3)
+        elif best is None:
+            best = Candidate({"preset": "lossless"}, "reference", self.candidates[0].per_case, 1.0, self.full_seconds)
+            warnings.warn("ditopt tune: no method could accelerate these runs ("
+                          + ("; ".join(self.notes) or "too few steps to skip, or no site a method takes")
+                          + "); returning {'preset': 'lossless'}", stacklevel=3)
+        return TuneResult(options=best.options, chosen=best, met=self.meets(best), budget=self.floor,
+                          metric=self.metric, speed=self.speed, cases=self.cases, candidates=self.candidates,
+                          full_seconds=self.full_seconds, notes=self.notes)
 
     # -- runs --------------------------------------------------------------------------------------------
 
