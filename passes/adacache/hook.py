@@ -11,6 +11,9 @@ all of them the last rate applies.  The first `first_steps` and the last
 `last_steps` steps always compute.  With MoReg, c is multiplied by
 (m + |mg|), m the remapped motion score of the probe residual and mg its
 change per step.  One host read per computed step (c and m together).
+Separate calls at one timestep (CFG's cond and uncond) take one decision: the
+first stream's, taken again at the next step from every stream's sums, so it
+measures what one batched call of both would.
 """
 
 from __future__ import annotations
