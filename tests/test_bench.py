@@ -20,12 +20,13 @@ def test_bench_measures_every_configuration_and_writes_json(tmp_path):
     bench.write(results, tmp_path, "tiny wan")
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert [r["config"] for r in rows] == configs
-    eager, lossless, skipping, fbcache, *peers = rows
+    eager, lossless, skipping, fbcache, *peers, textkv = rows
     assert eager["speedup_vs_eager"] == 1.0 and eager["flop_ratio"] == 1.0 and eager["psnr_db"] is None  # inf: null
     assert 0.5 < lossless["flop_ratio"] < 1.0 and lossless["psnr_db"] > 60  # invariant work once; other kernels
     assert skipping["blocks_skipped_fraction"] > 0 and skipping["flop_ratio"] < 1.0
     assert fbcache["how"] == "eager + diffusers hooks" and fbcache["gflops_per_generation"] > 0
     assert all(0 < p["flop_ratio"] <= 1 and p["psnr_db"] > 0 for p in peers)
+    assert textkv["config"] == "textkvcache" and textkv["psnr_db"] is None  # exact: an infinite PSNR is null
     assert "| lossless | ditopt (inductor) |" in (tmp_path / "bench.md").read_text()
 
 
