@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from ditopt.analysis import DiTStructure, module_path
 from ditopt.method import Rewrite, Tag, tag
-from ditopt.patterns import PASSTHROUGH, dependents, is_call, move_to_head, writes_in_place
+from ditopt.patterns import PASSTHROUGH, dependents, inputs, is_call, move_to_head, walk, writes_in_place
 
 REGION = "invariants"
 
@@ -22,18 +22,6 @@ REGION = "invariants"
 def _impure(node: fx.Node) -> bool:
     """An op that writes a tensor or has another side effect (a random draw, a print)."""
     return writes_in_place(node) or node.is_impure()
-
-
-def _closure(node: fx.Node) -> set[fx.Node]:
-    """A value and everything it is made from, inputs included."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _written_in_place(graph: fx.Graph) -> set[fx.Node]:
@@ -62,7 +50,7 @@ def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg) -> Rewrite:
     for node in graph.nodes:
         if node not in invariant or not any(u in varying or u.op == "output" for u in node.users):
             continue
-        closure = _closure(node)
+        closure = {node, *walk(node, inputs)}  # the value and everything it is made from
         computed = {n for n in closure if n.op != "placeholder"}
         if all(is_call(n, PASSTHROUGH) or n.op == "get_attr" for n in computed):
             continue  # a view of an input: nothing to save

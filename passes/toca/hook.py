@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from ditopt.method import Hook, Tag, tag_of
+from ditopt.patterns import walk
 
 from . import scores as ts
 from .config import ToCaConfig
@@ -325,15 +326,7 @@ def _count(stats: dict, site: Site, mode: str, k: int, step: int) -> None:
 def _site_blocks_upstream(node, lowered) -> set[int]:
     """The blocks of the ToCa sites whose cached outputs `node` reads, directly or not."""
     updates = {n: t.payload.block for n, t in lowered.tagged(NAME, "update")}
-    seen, frontier, blocks = {node}, [node], set()
-    while frontier:
-        for n in frontier.pop().all_input_nodes:
-            if n not in seen:
-                seen.add(n)
-                frontier.append(n)
-                if n in updates:
-                    blocks.add(updates[n])
-    return blocks
+    return {updates[n] for n in walk(node, lambda n: n.all_input_nodes) if n in updates}
 
 
 def make_hook(cfg: ToCaConfig, lowered) -> TocaPlanner | str:

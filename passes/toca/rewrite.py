@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from ditopt.analysis import AttentionSite, Block, DiTStructure, example, q_projection_input, shape
 from ditopt.method import Rewrite, Tag, tag
-from ditopt.patterns import SDPA_TARGETS, call_args, is_call, nodes_between
+from ditopt.patterns import SDPA_TARGETS, call_args, is_call, nodes_between, walk
 
 from . import ops as _ops  # noqa: F401  (registers ToCa's torch.ops.ditopt ops)
 from .config import ToCaConfig
@@ -61,23 +61,12 @@ class ScoreRef:
     kind: str  # "entropy" (s2) or "column" (s1)
 
 
-def _closure(start: fx.Node, step, within: set) -> set[fx.Node]:
-    """Nodes reached from `start` by `step` (users or inputs), without leaving `within`."""
-    found, frontier = set(), [start]
-    while frontier:
-        for n in step(frontier.pop()):
-            if n in within and n not in found:
-                found.add(n)
-                frontier.append(n)
-    return found
-
-
 def _row_region(x_in: fx.Node, out: fx.Node, block_nodes: set) -> list[fx.Node] | None:
     """Nodes between x_in and out (reached from x_in, reaching out), in graph order."""
-    forward = _closure(x_in, lambda n: n.users, block_nodes)
+    forward = set(walk(x_in, lambda n: n.users, block_nodes))
     if out not in forward:
         return None
-    region = forward & (_closure(out, lambda n: n.all_input_nodes, forward) | {out})
+    region = forward & (set(walk(out, lambda n: n.all_input_nodes, forward)) | {out})
     return [n for n in out.graph.nodes if n in region]
 
 
