@@ -33,7 +33,11 @@ METHOD_CONFIGS = {
     "toca": {"preset": "lossless", "toca": {"interval": 3, "ratio": 0.1}},
     **{f"toca-{ref}": {"preset": "lossless", "toca": {"reference": ref}} for ref in ("dit", "pixart", "opensora")},
 }
-PEERS = ("fbcache", "pab", "fastercache", "taylorseer", "magcache", "seacache", "textkvcache")
+# diffusers' caches the bench compares with: name -> its config class in diffusers
+PEER_CONFIGS = {"fbcache": "FirstBlockCacheConfig", "pab": "PyramidAttentionBroadcastConfig",
+                "fastercache": "FasterCacheConfig", "taylorseer": "TaylorSeerCacheConfig", "magcache": "MagCacheConfig",
+                "seacache": "SeaCacheConfig", "textkvcache": "TextKVCacheConfig"}
+PEERS = tuple(PEER_CONFIGS)
 SMALL_SECONDS = 0.5  # a generation shorter than this is timed with a warning
 
 
@@ -75,8 +79,8 @@ def check_configs(names: list[str]) -> None:
                 ditopt.Config.from_options(json.loads(name[len("ditopt:"):]))
             except (json.JSONDecodeError, ValueError) as err:
                 raise ValueError(f"ditopt bench: configuration {name!r}: {err}") from None
-        elif peer_of(name) is not None:
-            _check_peer_settings(*peer_of(name))
+        elif (peer := peer_of(name)) is not None:
+            _check_peer_settings(*peer)
         elif name not in config_names():
             raise ValueError(f"ditopt bench: unknown configuration {name!r}; use one of {', '.join(config_names())}, "
                              "ditopt:<options as JSON>, or <peer>:<its settings as JSON>")
@@ -127,9 +131,7 @@ def _check_peer_settings(peer: str, settings: dict) -> None:
 
     import diffusers
 
-    config = {"fbcache": "FirstBlockCacheConfig", "pab": "PyramidAttentionBroadcastConfig",
-              "fastercache": "FasterCacheConfig", "taylorseer": "TaylorSeerCacheConfig", "magcache": "MagCacheConfig",
-              "seacache": "SeaCacheConfig", "textkvcache": "TextKVCacheConfig"}[peer]
+    config = PEER_CONFIGS[peer]
     valid = set(inspect.signature(getattr(diffusers, config)).parameters)
     unknown = sorted(set(settings) - valid)
     if unknown:
@@ -149,35 +151,33 @@ def peer_config(name: str, clock: _Clock = _Clock(), cfg_batched: bool = False, 
 
     if name == "fbcache":
         # 0.05 (the default) never skips on the fixture, whose per-step changes are larger
-        config, kwargs = diffusers.FirstBlockCacheConfig, dict(threshold=0.2)
+        kwargs = dict(threshold=0.2)
     elif name == "pab":
-        config, kwargs = diffusers.PyramidAttentionBroadcastConfig, dict(
+        kwargs = dict(
             spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
             current_timestep_callback=lambda: clock.t)
     elif name == "fastercache":
         # diffusers' documented video settings (its CogVideoX example); the model's output is [B, C, F, H, W]
-        config, kwargs = diffusers.FasterCacheConfig, dict(
+        kwargs = dict(
             spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
             attention_weight_callback=lambda _: 0.3, unconditional_batch_skip_range=5,
             unconditional_batch_timestep_skip_range=(-1, 781), tensor_format="BCFHW",
             is_guidance_distilled=not cfg_batched, current_timestep_callback=lambda: clock.t)
     elif name == "taylorseer":
         # without identifiers TaylorSeer hooks no module at all: predict whole blocks
-        config, kwargs = diffusers.TaylorSeerCacheConfig, dict(
+        kwargs = dict(
             cache_interval=5, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=torch.float32,
             cache_identifiers=[r"(blocks|transformer_blocks)\.\d+"])
     elif name == "magcache":
         if mag_ratios is None:
             raise ValueError("MagCache needs this model's mag_ratios: calibrate them with bench.magcache_ratios")
-        config, kwargs = diffusers.MagCacheConfig, dict(mag_ratios=mag_ratios, num_inference_steps=len(mag_ratios))
-    elif name == "seacache":
-        config, kwargs = diffusers.SeaCacheConfig, {}  # its defaults: threshold 0.25, linear residual prediction
-    elif name == "textkvcache":
-        config, kwargs = diffusers.TextKVCacheConfig, {}  # exact: the text's K/V once per generation
+        kwargs = dict(mag_ratios=mag_ratios, num_inference_steps=len(mag_ratios))
+    elif name in PEER_CONFIGS:
+        kwargs = {}  # SeaCache's defaults (threshold 0.25, linear residual prediction); TextKVCache has none
     else:
         raise ValueError(f"unknown peer {name!r}; choose one of {list(PEERS)}")
     try:
-        return config(**{**kwargs, **(settings or {})})
+        return getattr(diffusers, PEER_CONFIGS[name])(**{**kwargs, **(settings or {})})
     except TypeError as err:
         raise ValueError(f"ditopt bench: {name} settings {settings}: {err}") from None
 
@@ -257,7 +257,7 @@ def measure(
         progress.set_postfix_str(name)
         try:
             peer = peer_of(name)
-            ratios = magcache_ratios(model, generate) if peer and peer[0] == "magcache" else None  # timing, FLOPs
+            ratios = magcache_ratios(model, generate) if peer is not None and peer[0] == "magcache" else None
             how, first, times, outs, peak_mb, seen = _timed_generations(model, name, [generate, *other_seeds],
                                                                         repeats, cfg_batched, ratios, lowering)
         except Exception as err:
@@ -356,7 +356,8 @@ def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable
 
     torch._dynamo.reset()
     ditopt.reset(model)
-    if (peer_of(name) or ("",))[0] == "magcache" and mag_ratios is None:
+    peer = peer_of(name)
+    if peer is not None and peer[0] == "magcache" and mag_ratios is None:
         mag_ratios = magcache_ratios(model, generate)
     fn, _, cleanup = _prepare(model, name, "eager", cfg_batched, mag_ratios)
     try:

@@ -36,38 +36,51 @@ def _inspect(args) -> int:
     return 0
 
 
+def _sampler(args, prompts: int, prompt_start: int = 0, cfg_batched: bool = True):
+    """(model, loop, what) for `--model`: loop(seed) is one whole sampling loop, generate(fn) -> output; the
+    fixture samples `prompts` of its prompts from `prompt_start` with CFG, a zoo model an Euler loop over its
+    inputs of batch `--batch` (random weights)."""
+    from . import bench, models
+
+    if args.model == "fixture":
+        from . import fixture
+
+        chosen = list(fixture.PROMPTS[prompt_start: prompt_start + prompts])
+        if len(chosen) < prompts:
+            raise ValueError(f"ditopt: the fixture has {len(fixture.PROMPTS)} prompts; prompts {prompt_start}.."
+                             f"{prompt_start + prompts - 1} (--prompt-start, and --prompts or --batch) run past them")
+
+        def loop(seed):
+            return lambda fn: fixture.sample(fn, chosen, seed=seed, steps=args.steps, cfg_batched=cfg_batched,
+                                             on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
+        return fixture.load_fixture(), loop, f"fixture, prompts {prompt_start}..{prompt_start + prompts - 1}"
+    case = models.build(args.model, args.size)
+    latent = "x" if args.model == "stdit" else "hidden_states"
+
+    def loop(seed):
+        return bench.euler_loop(case.inputs(args.batch, seed), args.steps, latent, models.call)
+    return case.model, loop, f"{args.model} ({args.size}), batch {args.batch}"
+
+
 def _bench(args) -> int:
     from pathlib import Path
 
     import torch
 
-    from . import bench, models
+    from . import bench
 
     bench.check_configs(args.configs)  # before any model is built
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = args.seeds or [args.seed]
+    model, loop, _ = _sampler(args, args.batch, args.prompt_start)
     if args.model == "fixture":
-        from . import fixture
-
-        model = fixture.load_fixture()
-        prompts = list(fixture.PROMPTS[args.prompt_start: args.prompt_start + args.batch])
-
-        def loop(seed):
-            return lambda fn: fixture.sample(fn, prompts, seed=seed, steps=args.steps,
-                                             on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
-
         title = (f"fixture (WanTransformer3DModel), {args.steps} steps, prompts {args.prompt_start}.."
-                 f"{args.prompt_start + len(prompts) - 1} with CFG, seeds {' '.join(map(str, seeds))}")
+                 f"{args.prompt_start + args.batch - 1} with CFG")
     else:
-        case = models.build(args.model, args.size)
-        model = case.model
-        latent = "x" if args.model == "stdit" else "hidden_states"
-
-        def loop(seed):
-            return bench.euler_loop(case.inputs(args.batch, seed), args.steps, latent, models.call)
-        title = f"{args.model} ({args.size}), {args.steps} steps, batch {args.batch}, seeds {' '.join(map(str, seeds))}"
+        title = f"{args.model} ({args.size}), {args.steps} steps, batch {args.batch}"
+    title += f", seeds {' '.join(map(str, seeds))}"
     with torch.no_grad():
         results = bench.measure(model, loop(seeds[0]), args.configs, repeats=args.repeats, flops=not args.no_flops,
                                 cfg_batched=args.model == "fixture", other_seeds=[loop(s) for s in seeds[1:]])
@@ -87,21 +100,8 @@ def _calibrate(args) -> int:
 
     from ditopt.passes import adacache
 
-    from . import bench, models
-
-    if args.model == "fixture":
-        from . import fixture
-
-        model = fixture.load_fixture()
-        prompts = list(fixture.PROMPTS[: args.batch])
-
-        def generate(fn):
-            return fixture.sample(fn, prompts, seed=args.seed, steps=args.steps)
-    else:
-        case = models.build(args.model, args.size)
-        model = case.model
-        latent = "x" if args.model == "stdit" else "hidden_states"
-        generate = bench.euler_loop(case.inputs(args.batch, args.seed), args.steps, latent, models.call)
+    model, loop, _ = _sampler(args, args.batch)
+    generate = loop(args.seed)
     result = adacache.calibrate(model, generate, args.target)
     codebook = {("inf" if k == float("inf") else k): v for k, v in result["codebook"].items()}
     print(json.dumps({"codebook": codebook, "predicted_speedup": result["predicted_speedup"],
@@ -114,29 +114,12 @@ def _tune(args) -> int:
 
     from ditopt.tune import METHODS, tune
 
-    from . import bench, models
-
     metric, budget = ("ssim", args.ssim) if args.ssim is not None else ("psnr", args.psnr)
-    if args.model == "fixture":
-        from . import fixture
+    model, loop, what = _sampler(args, args.prompts, args.prompt_start, cfg_batched=not args.separate_cfg)
 
-        model = fixture.load_fixture()
-        prompts = list(fixture.PROMPTS[args.prompt_start: args.prompt_start + args.prompts])
-        if len(prompts) < args.prompts:
-            raise ValueError(f"ditopt tune: the fixture has {len(fixture.PROMPTS)} prompts; --prompt-start "
-                             f"{args.prompt_start} with --prompts {args.prompts} runs past them")
+    def sample_fn(fn, seed):
+        return loop(seed)(fn)
 
-        def sample_fn(fn, seed):
-            return fixture.sample(fn, prompts, seed=seed, steps=args.steps, cfg_batched=not args.separate_cfg)
-        what = f"fixture, prompts {args.prompt_start}..{args.prompt_start + len(prompts) - 1}"
-    else:
-        case = models.build(args.model, args.size)
-        model = case.model
-        latent = "x" if args.model == "stdit" else "hidden_states"
-
-        def sample_fn(fn, seed):
-            return bench.euler_loop(case.inputs(args.batch, seed), args.steps, latent, models.call)(fn)
-        what = f"{args.model} ({args.size}), batch {args.batch}"
     start = time.perf_counter()
     result = tune(model, sample_fn, budget, metric=metric, cases=args.seeds, speed=args.speed, margin=args.margin,
                   methods=args.methods or METHODS, out=args.out, plot=args.plot)
