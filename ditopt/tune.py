@@ -219,7 +219,6 @@ class _Search:
         self.refs: list[torch.Tensor] = []
         self.full_flops = 0.0
         self.full_seconds: float | None = None
-        self.calibration: dict[str, list[float]] = {}
         self.bar = tqdm(desc="ditopt tune", unit="config", disable=not progress)
 
     def close(self) -> None:
@@ -311,8 +310,8 @@ class _Search:
                                          1.0, self.full_seconds))
         self.bar.update(1)
 
-    def measure(self, options: dict, stage: str) -> Candidate | None:
-        """Run every case with these options; None (with a note) when the model does not take them."""
+    def measure(self, options: dict, stage: str) -> Candidate:
+        """Run every case with these options (once: a candidate measured before is returned as it was)."""
         import ditopt
         from .runtime import count_flops
 
@@ -360,16 +359,19 @@ class _Search:
                 settings = _skip_settings(method, per_step, target)
                 return None if settings is None else {"preset": "lossless", method: {**settings, "forecast": forecast}}
 
-            targets = [t for t in SKIP_SPEEDUPS if rung(t) is not None]
-            tried = self.ladder(method, [rung(t) for t in targets])
+            reachable = {t: r for t in SKIP_SPEEDUPS if (r := rung(t)) is not None}
+            tried = self.ladder(method, list(reachable.values()))
             out += tried
-            passed = [t for t, c in zip(targets, tried) if self.meets(c)]
-            above = [t for t, c in zip(targets, tried) if not self.meets(c) and (not passed or t > passed[-1])]
+            passed = [t for t, c in zip(reachable, tried) if self.meets(c)]
+            above = [t for t, c in zip(reachable, tried) if not self.meets(c) and (not passed or t > passed[-1])]
             if passed and above:  # bisect between the fastest rung that meets the budget and the next that misses
                 lo, hi = passed[-1], above[0]
                 for _ in range(REFINE_STEPS):
                     mid = round((lo + hi) / 2, 3)
-                    cand = self.measure(rung(mid), method)
+                    options = rung(mid)
+                    if options is None:  # the schedule cannot reach it: the edge stays where it is
+                        break
+                    cand = self.measure(options, method)
                     out.append(cand)
                     lo, hi = (mid, hi) if self.meets(cand) else (lo, mid)
         return out
@@ -377,6 +379,7 @@ class _Search:
     def _calibrate(self, method: str) -> list[float] | None:
         """The method's per-step signal over a run that always computes, averaged over cases and streams."""
         import ditopt
+        from ditopt.passes.skipping import mean_per_step
 
         never_skip = {"adacache": {"codebook": {math.inf: 1}, "last_steps": 0}, "teacache": {"threshold": 1e-12}}
         key = {"adacache": "metrics", "teacache": "changes"}[method]
@@ -389,8 +392,7 @@ class _Search:
             why = "; ".join(dict.fromkeys(ditopt.stats(self.model)["fallbacks"])) or "no skip guard in its graphs"
             self.notes.append(f"{method} left out: {why}")
             return None
-        n = min(map(len, series))
-        return [sum((s[i] or 0.0) for s in series) / len(series) for i in range(n)]
+        return mean_per_step(series)
 
 
 def _skip_settings(method: str, per_step: list[float], target: float) -> dict | None:

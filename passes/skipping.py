@@ -152,6 +152,12 @@ def ratio(sums: Tensor) -> Tensor:
 # the runtime part
 
 
+def mean_per_step(series: list[list[float | None]]) -> list[float]:
+    """Step by step, the mean of per-step signals recorded by several generations or streams (None as 0),
+    over the steps all of them reached: what calibration reads."""
+    return [sum((s[i] or 0.0) for s in series) / len(series) for i in range(min(map(len, series)))]
+
+
 def extrapolation_weights(ts: list[float], t: float) -> list[float] | None:
     """Lagrange weights w_j with sum_j w_j f(ts[j]) = p(t), p the polynomial through the points
     (degree len(ts) - 1); None when two timesteps coincide."""

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..skipping import mean_per_step
 from .hook import decisions_from_metrics
 
 
@@ -68,8 +69,7 @@ def calibrate(model: torch.nn.Module, generate: Callable[[Callable], object], ta
                          + (f" ({'; '.join(dict.fromkeys(reasons))})" if reasons else "")
                          + "; `ditopt inspect` shows what ditopt finds in it")
     # Average over streams (e.g. cond and uncond calls) step by step.
-    series = [g["adacache"]["metrics"] for g in gens]
-    per_step = [sum((s[i] or 0.0) for s in series) / len(series) for i in range(min(map(len, series)))]
+    per_step = mean_per_step([g["adacache"]["metrics"] for g in gens])
     codebook, predicted = calibrate_from_metrics(per_step, target_speedup)
     for r in mine:
         r.reset()

@@ -184,8 +184,7 @@ class AdaCachePolicy:
             self._pending = _Pending(call.step, progress, [sums], *before)
 
     def _metric(self, sums: list, prev_rate: int) -> float:
-        k = len(self.names)
-        return sum(num / max(den, 1e-12) for num, den in sums[:k]) / k / prev_rate
+        return _mean_ratio(sums[:len(self.names)]) / prev_rate
 
     def _decide(self, st: _StreamAdaState, sums: list | None, step: int, progress: float) -> None:
         """The rate after computed step `step`, from its [num, den] sums per probe (then per motion probe)."""
@@ -193,8 +192,7 @@ class AdaCachePolicy:
         if sums is not None:
             metric = self._metric(sums, st.prev_rate)
             if self.cfg.moreg:
-                k = len(self.names)
-                motion = sum(num / max(den, 1e-12) for num, den in sums[k:]) / k
+                motion = _mean_ratio(sums[len(self.names):])
                 lo, hi = self.cfg.moreg_window
                 factor, st.prev_motion = moreg_factor(motion, st.prev_motion, st.prev_rate, lo <= progress <= hi)
                 metric *= factor
@@ -207,6 +205,11 @@ class AdaCachePolicy:
         return {"decisions": "".join(st.decisions),
                 "metrics": [None if m is None else round(m, 5) for m in st.metrics],
                 "probe_mb": round(kept / 2**20, 3)}
+
+
+def _mean_ratio(pairs: list) -> float:
+    """The mean of num / den over [num, den] pairs read from the device (relative_l1_sums, motion_sums)."""
+    return sum(num / max(den, 1e-12) for num, den in pairs) / len(pairs)
 
 
 def _probe_value(probes: dict, name: str) -> torch.Tensor | None:
