@@ -70,12 +70,14 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
             hooks.append(hook)
     runtime = Runtime(lowered, hooks, config, reports, context, group)
     register(runtime, example_inputs)
-    exporter.lowered(lowered.regions)
+    exporter.lowered(lowered.regions, runtime.fused)
     exporter.write_report(
         structure=structure.to_json(),
         passes=reports,
         regions=[{"name": r.name, "kind": r.kind, "block": r.block, "inputs": len(r.inputs),
                   "outputs": len(r.outputs)} for r in lowered.regions],
+        fused=[{"name": r.name, "regions": [r.index, r.last], "inputs": len(r.inputs), "outputs": len(r.outputs)}
+               for r in runtime.fused.values()],
     )
     return runtime
 

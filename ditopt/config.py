@@ -19,6 +19,7 @@ from .checks import check_choice
 from .method import Method, configure
 
 LOWERINGS = ("inductor", "aot_eager", "eager")
+FUSE_MODES = ("block", "all", "none")  # lowering.fuse_regions
 DEFAULT_PRESET = "balanced"
 
 # Presets are options, chosen by `ditopt.tune` on the fixture (examples/choose_presets.py, docs/benchmarks.md):
@@ -40,7 +41,7 @@ PRESET_OPTIONS: dict[str, dict] = {
                                        math.inf: 1}, "forecast": 1}},
 }
 PRESETS = tuple(PRESET_OPTIONS)
-CORE_OPTIONS = ("config", "preset", "lowering", "mode", "export_dir")
+CORE_OPTIONS = ("config", "preset", "lowering", "mode", "fuse_regions", "export_dir")
 
 
 def methods() -> tuple[Method, ...]:
@@ -63,6 +64,9 @@ class Config:
     methods: dict[str, Any] = field(default_factory=_all_off)  # method name -> its config, in pipeline order
     lowering: str = "inductor"
     mode: str | None = None  # passed to Inductor
+    # compile neighbouring regions no hook separates as one (Hook.cuts): "block" (within a block and the glue
+    # around it: depth-independent compile time), "all" (as far as the hooks allow) or "none"
+    fuse_regions: str = "block"
     export_dir: Path | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -99,6 +103,7 @@ class Config:
     def validate(self) -> None:
         check_choice("preset", self.preset, PRESETS)
         check_choice("lowering", self.lowering, LOWERINGS)
+        check_choice("fuse_regions", self.fuse_regions, FUSE_MODES)
         for method, cfg in self.enabled():
             cfg.validate()
             clash = [c for c in method.conflicts if self.methods[c].enabled]
@@ -108,7 +113,7 @@ class Config:
                                  f"{{{clash[0]!r}: False}})")
 
     def to_dict(self) -> dict:
-        out = {"preset": self.preset, "lowering": self.lowering, "mode": self.mode,
+        out = {"preset": self.preset, "lowering": self.lowering, "mode": self.mode, "fuse_regions": self.fuse_regions,
                "export_dir": str(self.export_dir) if self.export_dir else None}
         for name, cfg in self.methods.items():
             out[name] = _json_keys(dataclasses.asdict(cfg))
@@ -155,6 +160,8 @@ def _from_mapping(options: Mapping[str, Any]) -> Config:
         cfg.lowering = options["lowering"]
     if "mode" in options:
         cfg.mode = options["mode"]
+    if "fuse_regions" in options:
+        cfg.fuse_regions = options["fuse_regions"]
     if options.get("export_dir") is not None:
         cfg.export_dir = Path(options["export_dir"])
     return cfg

@@ -27,14 +27,15 @@ class Exporter:
         if self.dir is not None:
             (self.dir / f"{next(self._step):02d}_{stage}.py").write_text(gm.code)
 
-    def lowered(self, regions) -> None:
+    def lowered(self, regions, fused=None) -> None:
+        """The regions in execution order, then each run of them the runtime compiles as one (fused)."""
         if self.dir is None:
             return
         from .lowering import graph_key
 
         lines = ["# Regions in execution order. Regions that compute the same thing share one compiled variant.", ""]
         seen: dict[tuple, str] = {}
-        for r in regions:
+        for r in [*regions, *(fused or {}).values()]:
             code = r.gm.code
             first = seen.setdefault(graph_key(r.gm), r.name)
             lines.append(f"# {r.name}: reads {len(r.inputs)} values, defines {len(r.outputs)}"

@@ -34,9 +34,17 @@ class Region:
     input_slots: list[int] = field(default_factory=list)
     output_slots: list[int] = field(default_factory=list)
     free_after: list[int] = field(default_factory=list)  # slots whose last reader is this region
+    nodes: list[fx.Node] = field(default_factory=list)  # its nodes in the parent graph
+    last: int = -1  # a fused region stands for regions index..last; any other, for itself
+
+    def __post_init__(self):
+        if self.last < 0:
+            self.last = self.index
 
     @property
     def name(self) -> str:
+        if self.kind == "fused":
+            return f"regions{self.index}_to_{self.last}_fused"
         return f"region{self.index}_{self.kind}" + (f"{self.block}" if self.block is not None else "")
 
 
@@ -49,6 +57,7 @@ class Lowered:
     slot: dict[fx.Node, int]  # every value by node of the parent graph
     tags: list[tuple[fx.Node, Tag]]  # every node a method tagged (markers too, though no longer in the graph)
     structure: DiTStructure
+    gm: fx.GraphModule | None = None  # the parent graph
 
     def region_of(self, node: fx.Node) -> int:
         """The region that defines a value."""
@@ -68,7 +77,39 @@ def lower(gm: fx.GraphModule, structure: DiTStructure) -> Lowered:
             gm.graph.erase_node(node)
     gm.recompile()
     regions, template, slot = split_regions(gm, structure)
-    return Lowered(regions, template, slot, tags, structure)
+    return Lowered(regions, template, slot, tags, structure, gm)
+
+
+def fuse_regions(lowered: Lowered, cuts: set[int], unfusable: set[int], mode: str = "block") -> dict[int, Region]:
+    """Merge each run of neighbouring regions that no hook runs itself (`unfusable`) and that no hook needs
+    to stop between (`cuts`: i means "stop before region i") into one region, compiled as one graph: fewer
+    calls, and Inductor fuses across the old boundaries.  Returns first index -> merged region, for runs of
+    two or more.  A value made and read only inside a run is no longer a region output.
+
+    mode "block": a run holds regions of one transformer block at most (with the glue around it), so that
+    identical blocks still share one compiled variant and compile time stays independent of depth; "all":
+    runs as long as the hooks allow (one graph per run: compile time grows with depth); "none"."""
+    runs: list[list[Region]] = []
+    for r in lowered.regions if mode != "none" else ():
+        if r.index in unfusable:
+            continue
+        run = runs[-1] if runs else None
+        other_block = (mode == "block" and r.block is not None
+                       and any(m.block not in (None, r.block) for m in run or ()))
+        if run and run[-1].index == r.index - 1 and r.index not in cuts and not other_block:
+            run.append(r)
+        else:
+            runs.append([r])
+    fused = {}
+    for run in (run for run in runs if len(run) > 1):
+        first, last = run[0], run[-1]
+        merged = _make_region(lowered.gm, first.index, "fused", None, [n for r in run for n in r.nodes], None)
+        merged.last = last.index
+        merged.input_slots = [lowered.slot[n] for n in merged.inputs]
+        merged.output_slots = [lowered.slot[n] for n in merged.outputs]
+        merged.free_after = sorted({s for r in run for s in r.free_after})
+        fused[first.index] = merged
+    return fused
 
 
 def split_regions(gm: fx.GraphModule, structure: DiTStructure) -> tuple[list[Region], Any, dict[fx.Node, int]]:
@@ -170,7 +211,7 @@ def _make_region(gm: fx.GraphModule, index: int, kind: str, block: int | None, n
         env[n] = g.node_copy(n, lambda x: env[x])
     g.output(tuple(env[o] for o in outputs))
     region_gm = fx.GraphModule(gm, g, class_name=f"Region{index}")
-    return Region(index, kind, block, region_gm, inputs, outputs, owner)
+    return Region(index, kind, block, region_gm, inputs, outputs, owner, nodes=list(nodes))
 
 
 def _wanted(node: fx.Node) -> bool:

@@ -84,9 +84,24 @@ class Hook:
     region by returning its outputs.  Every method is optional.  Per-stream state is whatever
     `new_state()` returns, reached as `call.state(self)`; `stats(state)` is the method's section of
     `ditopt.stats`.
+
+    `cuts()` and `claims()` tell the runtime which neighbouring regions it may fuse into one: it never
+    fuses a region a hook may claim, nor across a cut.  The defaults (None: every region, every boundary)
+    fuse nothing.  Inside a fused run the hook's `after_region(k)` is still called for every k, in order,
+    once the whole run has computed, and must not jump; its `before_region` is called at the run's first
+    region only; values made and read only inside the run are not in `call.values`.
     """
 
     name: str = "hook"
+
+    def cuts(self) -> set[int] | None:
+        """Indices i where the runtime must stop before region i: where `before_region` may act, and after
+        every region whose `after_region` may jump or must see values before the next region runs."""
+        return None
+
+    def claims(self) -> set[int] | None:
+        """The regions `run_region` may claim."""
+        return None
 
     def new_state(self) -> Any:
         return None

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .lowering import Lowered, Region, VariantCache, fill_template
+from .lowering import Lowered, Region, VariantCache, fill_template, fuse_regions
 from .method import Hook
 
 
@@ -166,6 +166,7 @@ class Call:
         """Compiled code for a region, or for a hook's specialised graph `gm` of it, named by `variant`;
         `inputs` are what it will be called with (the region's own first, then any the hook adds)."""
         key = (self.runtime.code_key(region, inputs[:len(region.input_slots)]), variant)
+        self.runtime.region_calls += 1  # a hook asks for code to run it
         return self.runtime.compiled(key, gm if gm is not None else region.gm, inputs)
 
 
@@ -190,17 +191,33 @@ class Runtime:
                             and (r.index + 1 == len(regions) or regions[r.index + 1].block != r.block)}
         # A region that reads what a hook-run region made (a plan whose length varies by step) compiles one
         # variant per input shape there: key its code by those shapes.
-        hook_made = {s for r in regions if r.kind == "own" for s in r.output_slots}
-        self._varying = {r.index: [i for i, s in enumerate(r.input_slots) if s in hook_made] for r in regions}
+        self._hook_made = {s for r in regions if r.kind == "own" for s in r.output_slots}
+        self._varying = {(r.index, r.last): self._hook_made_inputs(r) for r in regions}
         self._before = [h for h in hooks if type(h).before_region is not Hook.before_region]
         self._run = [h for h in hooks if type(h).run_region is not Hook.run_region]
         self._after = [h for h in hooks if type(h).after_region is not Hook.after_region]
+        self.fused = self._fuse(lowered)  # first index -> merged region
+        self._varying.update({(r.index, r.last): self._hook_made_inputs(r) for r in self.fused.values()})
         self.clock = StepClock()
         self.variants = VariantCache(config)
         self.num_slots = max((s for r in regions for s in r.output_slots), default=0) + 1
         self._fns: dict[tuple, Callable] = {}
         self.params: dict[int, weakref.ref] = {}  # id -> weak reference, to recognise the model
         self.calls = 0
+        self.region_calls = 0  # compiled region code run (hooks' reuse of cached outputs not counted)
+
+    def _hook_made_inputs(self, region: Region) -> list[int]:
+        return [i for i, s in enumerate(region.input_slots) if s in self._hook_made]
+
+    def _fuse(self, lowered: Lowered) -> dict[int, Region]:
+        """Runs of regions no hook claims or cuts between, merged (see `Hook.cuts`)."""
+        cuts, unfusable = set(), set()
+        everything = set(range(len(self.regions) + 1))
+        for h in self.hooks:
+            hook_cuts, hook_claims = h.cuts(), h.claims()
+            cuts |= everything if hook_cuts is None else hook_cuts
+            unfusable |= everything if hook_claims is None else hook_claims
+        return fuse_regions(lowered, cuts, unfusable, self.config.fuse_regions)
 
     # -- execution -----------------------------------------------------------
 
@@ -243,19 +260,23 @@ class Runtime:
             if jump is not None:
                 i = self._jumped(stream, i, jump)
                 continue
-            region = self.regions[i]
+            region = self.fused.get(i) or self.regions[i]
             inputs = [values[s] for s in region.input_slots]
-            outputs = _first(h.run_region(call, region, inputs) for h in self._run)
+            outputs = None if region.kind == "fused" else _first(h.run_region(call, region, inputs) for h in self._run)
             if outputs is None:
                 outputs = self.run_region(region, inputs)
             for s, v in zip(region.output_slots, outputs):
                 values[s] = v
-            jump = _first(h.after_region(call, i) for h in self._after)
+            for k in range(i, region.last + 1):
+                jump = _first(h.after_region(call, k) for h in self._after)
+                if jump is not None and k < region.last:
+                    raise RuntimeError(f"ditopt: a hook jumped after region {k}, inside the fused {region.name}; "
+                                       f"its cuts() must name {k + 1}")
+                if k in self._block_ends:
+                    stream.stats.blocks_computed += 1
             for s in region.free_after:
                 values[s] = None
-            if i in self._block_ends:
-                stream.stats.blocks_computed += 1
-            i = self._jumped(stream, i + 1, jump) if jump is not None else i + 1
+            i = self._jumped(stream, region.last + 1, jump) if jump is not None else region.last + 1
         for hook in self.hooks:
             hook.end_call(call)
             call.state(hook)  # every hook has a state, so a section, from the first call on
@@ -270,11 +291,13 @@ class Runtime:
 
     def run_region(self, region: Region, inputs: list) -> list:
         """Run a region's compiled code (compiled on first use, shared between identical regions)."""
+        self.region_calls += 1
         return self.compiled((self.code_key(region, inputs), None), region.gm, inputs)(*inputs)
 
     def code_key(self, region: Region, inputs: list) -> tuple:
-        """A region's code key: its index, and the shapes of the hook-made values it reads."""
-        return (region.index, *(tuple(inputs[p].shape) for p in self._varying[region.index]))
+        """A region's code key: the regions it stands for, and the shapes of the hook-made values it reads."""
+        varying = self._varying[region.index, region.last]
+        return (region.index, region.last, *(tuple(inputs[p].shape) for p in varying))
 
     def compiled(self, key, gm, inputs: list) -> Callable:
         fn = self._fns.get(key)
@@ -289,6 +312,8 @@ class Runtime:
             "calls": self.calls,
             "blocks": len(self.structure.blocks),
             "regions": len(self.regions),
+            "fused": [[r.index, r.last] for r in self.fused.values()],  # runs of regions compiled as one
+            "region_calls": self.region_calls,
             "methods": [h.name for h in self.hooks],
             "compiled_variants": len(self.variants.variants),
             **({"context_parallel": {"ranks": self.group.size, "rank": self.group.rank,

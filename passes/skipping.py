@@ -253,6 +253,13 @@ class SkipHook(Hook):
         self._exit = {s.last: s for s in spans}
         self._probes = probes
 
+    def cuts(self) -> set[int]:
+        # Probes are region outputs no region frees: reading them once a fused run has computed is the same.
+        return {i for s in self.spans for i in (s.first, s.decide_at, s.last + 1)}
+
+    def claims(self) -> set[int]:
+        return set()
+
     def new_state(self) -> SkipState:
         return SkipState(self.policy.new_state())
 

@@ -473,3 +473,22 @@ def test_high_noise_steps_reduce_nothing(max_noise, reducing_steps):
     plans_per_step = 2  # one q plan per block
     assert g["asymrnr"]["q_plans"] == 5 * plans_per_step
     assert abs(g["asymrnr"]["q_ratio_sum"] - 0.5 * reducing_steps * plans_per_step) < 1e-9
+
+
+def test_with_a_skip_guard_matching_runs_on_computed_steps_only_and_plans_outlive_skipped_spans():
+    from ditopt.harness import fixture
+    from ditopt.runtime import runtimes_of
+
+    model = fixture.load_fixture()
+    fn = compile_ditopt(model, preset="fast", asymrnr={"match_every": 100})
+    fixture.sample(fn, ["red square moving right"], seed=0, steps=16)
+    gen = ditopt.stats(model)["generations"][-1]
+    decisions, asym = gen["adacache"]["decisions"], gen["asymrnr"]
+    (rt,) = runtimes_of(model)
+    match_regions = len(next(h for h in rt.hooks if h.name == "asymrnr").sites)
+    computed = decisions.count("C")
+    assert "S" in decisions and match_regions > 0
+    # every computed step plans each match region once; a skipped step plans nothing
+    assert asym["matchings"] + asym["reused"] == computed * match_regions
+    # matched once, at the first step: the plans are kept across every skipped span, never dropped
+    assert asym["matchings"] == match_regions

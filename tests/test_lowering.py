@@ -39,12 +39,14 @@ def test_spatial_and_temporal_blocks_have_two_distinct_keys():
 
 def test_compiled_variants_do_not_grow_with_depth():
     counts = {}
-    for depth in (1, 4):
-        torch._dynamo.reset()
-        model, inputs = _stdit(depth)
-        with torch.no_grad():
-            compile_ditopt(model)(**inputs)
-        (rt,) = runtimes_of(model)
-        counts[depth] = rt.stats()["compiled_variants"]
-    # the invariant region, prologue, spatial block, temporal block, epilogue, whatever the depth
-    assert counts == {1: 5, 4: 5}
+    for mode in ("block", "none"):
+        for depth in (2, 5):
+            torch._dynamo.reset()
+            model, inputs = _stdit(depth)
+            with torch.no_grad():
+                compile_ditopt(model, fuse_regions=mode)(**inputs)
+            (rt,) = runtimes_of(model)
+            counts[mode, depth] = rt.stats()["compiled_variants"]
+    # fused within blocks: the invariant region, prologue + first spatial block, temporal, spatial,
+    # last temporal block + epilogue; unfused: the invariant region, prologue, spatial, temporal, epilogue
+    assert counts == {("block", 2): 5, ("block", 5): 5, ("none", 2): 5, ("none", 5): 5}

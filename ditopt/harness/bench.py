@@ -83,7 +83,7 @@ def check_configs(names: list[str]) -> None:
             _check_peer_settings(*peer)
         elif name not in config_names():
             raise ValueError(f"ditopt bench: unknown configuration {name!r}; use one of {', '.join(config_names())}, "
-                             "ditopt:<options as JSON>, or <peer>:<its settings as JSON>")
+                             "ditopt:<options as JSON>, or <peer>[@inductor]:<its settings as JSON>")
 
 
 def compile_config(model: torch.nn.Module, name: str, lowering: str = "inductor"):
@@ -111,12 +111,20 @@ class _Clock:
     t = 1000.0
 
 
+COMPILED_PEER = "@inductor"  # 'seacache@inductor': the peer's hooks around blocks compiled with Inductor
+
+
 def peer_of(name: str) -> tuple[str, dict] | None:
     """(peer, settings) for a diffusers cache's configuration name, 'fbcache' or 'fbcache:{"threshold": 0.3}'
-    (JSON settings passed to its config over the bench's); None for any other name."""
+    (JSON settings passed to its config over the bench's), either with '@inductor' after the peer's name
+    (`peer_compiled`); None for any other name."""
     peer, _, settings = name.partition(":")
+    peer, at, how = peer.partition("@")
     if peer not in PEERS:
         return None
+    if at and at + how != COMPILED_PEER:
+        raise ValueError(f"ditopt bench: configuration {name!r}: a peer runs eagerly ({peer}) or with its blocks "
+                         f"compiled ({peer}{COMPILED_PEER}); {at + how!r} is neither")
     try:
         extra = json.loads(settings) if settings else {}
     except json.JSONDecodeError as err:
@@ -182,6 +190,30 @@ def peer_config(name: str, clock: _Clock = _Clock(), cfg_batched: bool = False, 
         raise ValueError(f"ditopt bench: {name} settings {settings}: {err}") from None
 
 
+def peer_compiled(name: str) -> bool:
+    """Whether a peer configuration runs its hooks around blocks compiled with Inductor ('fbcache@inductor')."""
+    return name.partition(":")[0].endswith(COMPILED_PEER)
+
+
+def compile_blocks(model: torch.nn.Module) -> Callable[[], None]:
+    """Compile each repeated block's forward with Inductor, below any hook diffusers adds later, so that
+    a cache's Python decisions run eagerly around compiled blocks (regional compilation, as
+    `ModelMixin.compile_repeated_blocks` does, which would trace the hooks too). Returns the undo."""
+    names = getattr(model, "_repeated_blocks", None) or []
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no _repeated_blocks: there is no block to compile "
+                         "under the peer's hooks")
+    for block in blocks:
+        block.forward = torch.compile(block.forward, backend="inductor")
+
+    def undo():
+        for block in blocks:
+            del block.forward
+
+    return undo
+
+
 def magcache_ratios(model: torch.nn.Module, generate: Callable) -> list[float]:
     """MagCache's per-step residual magnitude ratios for this model and sampler, from one full-compute
     generation in diffusers' calibration mode (which prints them, its documented interface)."""
@@ -218,8 +250,20 @@ def _prepare(model: torch.nn.Module, name: str, lowering: str = "inductor", cfg_
     """(callable, how it runs, cleanup) for a configuration name."""
     peer = peer_of(name)
     if peer is not None:
-        model.enable_cache(peer_config(peer[0], CLOCK, cfg_batched, mag_ratios, peer[1]))
-        return model, "eager + diffusers hooks", model.disable_cache
+        # compiled blocks first, so that the hooks wrap them (FLOPs are counted with the eager lowering)
+        uncompile = compile_blocks(model) if peer_compiled(name) and lowering != "eager" else (lambda: None)
+        try:
+            model.enable_cache(peer_config(peer[0], CLOCK, cfg_batched, mag_ratios, peer[1]))
+        except Exception:
+            uncompile()
+            raise
+
+        def cleanup():
+            model.disable_cache()
+            uncompile()
+
+        how = "inductor blocks + diffusers hooks" if peer_compiled(name) else "eager + diffusers hooks"
+        return model, how, cleanup
     fn = compile_config(model, name, lowering)
     how = "eager" if fn is model else ("inductor" if name == "inductor" else f"ditopt ({lowering})")
     return fn, how, lambda: None
@@ -237,9 +281,9 @@ def measure(
 ) -> list[Result]:
     """Run `generate(fn)` (one whole sampling loop that calls fn) for each configuration and compare.
 
-    Speed is compared with full compute under Inductor and eagerly (diffusers' peers run as hooks in
-    eager mode, their documented use; under torch.compile PAB recompiles each step and FirstBlockCache
-    breaks the graph). Fidelity and FLOPs are compared with full compute.  `generate` should set
+    Speed is compared with full compute under Inductor and eagerly. diffusers' peers run as hooks in
+    eager mode, their documented use, or ('<peer>@inductor') around blocks compiled with Inductor
+    (`compile_blocks`: a whole-model torch.compile would trace the hooks' Python decisions). Fidelity and FLOPs are compared with full compute.  `generate` should set
     `CLOCK.t` to the current timestep before each step (FasterCache and PAB read it);
     `cfg_batched` says that it batches CFG's two halves into one call (see `peer_config`).  A peer that
     does not apply to the model (no diffusers cache support, or its hooks fail) is left out with a warning.

@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "taylorseer", "magcache", "seacache", "textkvcache"],
                    help="configurations to compare (default: full compute, every preset, each single method "
                         f"and diffusers' caches); names: {', '.join(bench.config_names())}, "
-                        "or ditopt:<options as JSON>")
+                        "or ditopt:<options as JSON>; a peer takes <peer>:<its settings as JSON>, and "
+                        "<peer>@inductor runs its hooks around blocks compiled with Inductor")
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--seed", type=int, default=0)

@@ -130,6 +130,12 @@ class MatchPlanner(Hook):
         self.last_generation_steps: int | None = None  # length of the last generation this graph ran
         self._steps = 0
 
+    def cuts(self) -> set[int]:
+        return set()
+
+    def claims(self) -> set[int]:
+        return set(self.sites)
+
     def new_state(self) -> StreamMatches:
         return StreamMatches(torch.Generator().manual_seed(self.cfg.seed))
 

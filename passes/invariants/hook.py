@@ -35,6 +35,12 @@ class InvariantsHook(Hook):
     def __init__(self, regions: set[int]):
         self.regions = regions
 
+    def cuts(self) -> set[int]:
+        return set()
+
+    def claims(self) -> set[int]:
+        return set(self.regions)
+
     def new_state(self) -> StreamInvariants:
         return StreamInvariants()
 

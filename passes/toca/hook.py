@@ -204,6 +204,12 @@ class TocaPlanner(Hook):
 
     # -- running a region -----------------------------------------------------
 
+    def cuts(self) -> set[int]:
+        return set()
+
+    def claims(self) -> set[int]:
+        return set(self.sites)
+
     def new_state(self) -> StreamToCa:
         return StreamToCa()
 
