@@ -1,5 +1,6 @@
 """`ditopt bench` on a tiny config: every row measured, JSON and markdown written."""
 
+import inspect
 import json
 import math
 
@@ -155,3 +156,25 @@ def test_a_peer_name_with_settings_builds_its_config_with_them_and_a_bad_key_is_
         bench.check_configs(['fbcache:{"thresh": 0.3}'])
     with pytest.raises(ValueError, match="not JSON"):
         bench.check_configs(["fbcache:{threshold}"])
+
+
+def test_a_compiled_peer_name_is_parsed_and_a_bad_suffix_is_refused_naming_the_forms():
+    assert bench.peer_of('seacache@inductor:{"threshold": 0.15}') == ("seacache", {"threshold": 0.15})
+    assert bench.peer_compiled('seacache@inductor:{"threshold": 0.15}') and not bench.peer_compiled("seacache")
+    bench.check_configs(["fbcache@inductor", 'taylorseer@inductor:{"cache_interval": 4}'])
+    with pytest.raises(ValueError, match=r"runs eagerly \(fbcache\) or with its blocks compiled \(fbcache@inductor\)"):
+        bench.check_configs(["fbcache@eager"])
+
+
+def test_a_compiled_peer_runs_its_hooks_around_inductor_blocks_with_the_eager_peers_output():
+    case = models.build("wan")
+    generate = bench.euler_loop(case.inputs(1, 0), 6, "hidden_states", models.call)
+    with torch.no_grad():
+        rows = bench.measure(case.model, generate, ["eager", "fbcache", "fbcache@inductor"], repeats=1)
+    eager, hooks, compiled = rows
+    assert compiled.how == "inductor blocks + diffusers hooks"
+    assert abs(compiled.psnr_db - hooks.psnr_db) < 1.0  # the same hooks' decisions, on Inductor's kernels
+    blocks = [m for m in case.model.modules() if type(m).__name__ in case.model._repeated_blocks]
+    # the blocks are left running their own eager forward (diffusers' hook removal may leave it bound on the
+    # instance; what matters is that no compiled wrapper stays behind)
+    assert blocks and all(inspect.ismethod(b.forward) and b.forward.__func__ is type(b).forward for b in blocks)
