@@ -26,7 +26,11 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
             pip torch==2.13.0  # the CPU build: a bare `torch` would pull a several-GB CUDA build
         fi
     fi
-    pip -e ".[test]"
+    # transformers (every pipeline's text encoder), peft, accelerate and torchao: what a diffusers user has.
+    # The constraint keeps the torch installed above: nothing may replace it with another build.
+    constraint="$VIRTUAL_ENV/.ditopt-torch-constraint.txt"
+    python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraint"
+    pip -e ".[test]" -c "$constraint"
     touch "$stamp"
 fi
 

@@ -35,7 +35,7 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
 
 
 def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
-    from ditopt.passes import run_pipeline
+    from ditopt.passes.pipeline import run_pipeline
 
     config = Config.from_options(options, mode)
     group = rank_group(gm)  # context parallelism: the ranks that must take the same decisions

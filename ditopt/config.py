@@ -3,7 +3,7 @@
 `Config.from_options` is the single entry point from `torch.compile(...,
 options=...)`.  Every key and value is checked; a bad one raises ValueError
 naming what is valid, so a typo never silently turns a method off.  The method
-sections come from the method list (`ditopt.passes.METHODS`): each method's
+sections come from the method list (`ditopt.passes.pipeline.METHODS`): each method's
 config dataclass validates itself.
 """
 
@@ -45,7 +45,7 @@ CORE_OPTIONS = ("config", "preset", "lowering", "mode", "fuse_regions", "export_
 
 
 def methods() -> tuple[Method, ...]:
-    from ditopt.passes import METHODS
+    from ditopt.passes.pipeline import METHODS
 
     return METHODS
 

@@ -16,7 +16,7 @@ from ditopt.passes.adacache import (
 from ditopt.analysis import analyze
 from ditopt.harness.bench import euler_loop
 from ditopt.config import Config
-from ditopt.passes import run_pipeline
+from ditopt.passes.pipeline import run_pipeline
 from ditopt.harness.stdit import STDiT
 
 from conftest import capture_graphs, compile_ditopt

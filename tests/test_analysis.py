@@ -14,7 +14,7 @@ from conftest import capture_graphs
 
 def _normalised(gm):
     """The graph as the analysis sees it in the backend: after the normalisation stage."""
-    from ditopt.passes import NORMALIZE
+    from ditopt.passes.pipeline import NORMALIZE
 
     for _, run in NORMALIZE:
         run(gm)

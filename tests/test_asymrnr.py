@@ -20,7 +20,7 @@ from ditopt.kernels import gather, matching
 from ditopt.harness.bench import euler_loop
 from ditopt.harness.models import build, call
 from ditopt.passes.asymrnr import rewrite as asymrnr_pass
-from ditopt.passes import NORMALIZE
+from ditopt.passes.pipeline import NORMALIZE
 
 from conftest import capture_graphs, compile_ditopt
 

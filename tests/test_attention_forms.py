@@ -168,7 +168,7 @@ def test_stdit3_structure_interleaves_its_spatial_and_temporal_lists_and_keeps_t
     gm = capture_graphs(model, dict(x=torch.randn(2, 4, 3, 8, 8), timestep=torch.tensor([500.0, 500.0]),
                                     y=torch.randn(2, 1, 6, 32)))[0]
     from ditopt.analysis import analyze
-    from ditopt.passes import NORMALIZE
+    from ditopt.passes.pipeline import NORMALIZE
 
     reports = {name: run(gm) for name, run in NORMALIZE}
     s = analyze(gm)

@@ -88,7 +88,7 @@ def test_codebook_thresholds_from_json_strings():
 def _fields():
     import dataclasses
 
-    from ditopt.passes import METHODS
+    from ditopt.passes.pipeline import METHODS
 
     return [(m.name, f.name) for m in METHODS for f in dataclasses.fields(m.config_type) if f.name != "enabled"]
 
@@ -110,7 +110,7 @@ def test_any_value_for_any_method_field_is_accepted_or_a_value_error(field, valu
 def test_a_string_for_a_non_string_field_names_the_field(section, key):
     import dataclasses
 
-    from ditopt.passes import METHODS
+    from ditopt.passes.pipeline import METHODS
 
     annotation = next(f.type for m in METHODS if m.name == section for f in dataclasses.fields(m.config_type)
                       if f.name == key)

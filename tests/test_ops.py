@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import ditopt.passes  # noqa: F401  (registers every method's torch.ops.ditopt ops)
+import ditopt.passes.pipeline  # noqa: F401  (registers every method's torch.ops.ditopt ops)
 
 ops = torch.ops.ditopt
 

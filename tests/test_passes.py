@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ditopt
-import ditopt.passes
+import ditopt.passes.pipeline
 from ditopt import Config
 from ditopt.analysis import analyze
-from ditopt.passes import METHODS, NORMALIZE, run_pipeline
+from ditopt.passes.pipeline import METHODS, NORMALIZE, run_pipeline
 from ditopt.harness.stdit import STDiT
 
 from conftest import capture_graphs
@@ -35,8 +35,8 @@ def test_no_import_circle_among_the_compiler_modules():
     """Module-level imports of ditopt's core and passes form no cycle (imports inside functions are lazy)."""
     root = Path(ditopt.__file__).parent
     files = {f"ditopt.{p.stem}": p for p in root.glob("*.py") if p.stem != "__main__"}
-    for p in Path(ditopt.passes.__file__).parent.rglob("*.py"):
-        rel = p.relative_to(Path(ditopt.passes.__file__).parent).with_suffix("")
+    for p in Path(ditopt.passes.pipeline.__file__).parent.rglob("*.py"):
+        rel = p.relative_to(Path(ditopt.passes.pipeline.__file__).parent).with_suffix("")
         name = ".".join(("ditopt.passes", *rel.parts))
         files[name.removesuffix(".__init__")] = p
     graph = {name: _module_imports(name, path, set(files)) for name, path in files.items()}

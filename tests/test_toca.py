@@ -12,7 +12,7 @@ from ditopt import Config
 from ditopt.passes.toca import scores as ts
 from ditopt.analysis import analyze
 from ditopt.harness.models import build, call
-from ditopt.passes import NORMALIZE, run_pipeline
+from ditopt.passes.pipeline import NORMALIZE, run_pipeline
 from ditopt.runtime import count_flops, runtimes_of
 from ditopt.passes.toca import quantised_rows, step_factor
 

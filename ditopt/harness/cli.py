@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(func=_tune)
     g = sub.add_parser("gpu-check", help="every GPU figure in one run: kernels, their timing, a realistic model "
                                          "(docs/gpu.md); --device cpu --size tiny checks the logic on the CPU")
-    g.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
+    g.add_argument("--out", default="out/gpu_check", help="folder for gpu_check.json and gpu_check.md "
+                                                          "(default out/gpu_check)")
     g.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     g.add_argument("--size", choices=("realistic", "tiny"), default="realistic")
     g.add_argument("--steps", type=int, default=None, help="sampling steps per generation (default 10; tiny: 8)")
