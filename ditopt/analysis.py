@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F  # noqa: F401
+import torch.nn.functional as F
 
 from .patterns import (ACTIVATIONS, ADD_TARGETS, CATS, CONV_TARGETS, DIV_TARGETS, LINEAR_TARGETS, MATMUL_TARGETS,
                        MUL_TARGETS,
@@ -87,6 +87,7 @@ class TokenLayout:
     video_tokens: int
     grid: tuple[int, int, int] | None  # (frames, height, width) in tokens
     text_tokens: int | None
+    patchify: str = "unknown"  # how the latent became tokens, in words (`ditopt inspect` prints it)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class DiTStructure:
         grid = "x".join(map(str, lay.grid)) if lay.grid else "unknown"
         lines = [
             f"video tokens: {lay.video_tokens} (grid F x H x W = {grid}), text tokens: {lay.text_tokens}, batch {lay.batch}",
+            f"patchify: {lay.patchify}",
             f"timestep input: {self.timestep_input}, latent input: {self.latent_input}",
             f"blocks: {len(self.blocks)}",
         ]
@@ -188,10 +190,29 @@ def _data_placeholders(graph: fx.Graph) -> list[fx.Node]:
 
 
 def _find_latent(graph: fx.Graph) -> fx.Node:
+    """The latent input: a denoiser returns a tensor of its latent's shape, so the input whose shape an output
+    has; else a video or image input (rank >= 4) before a sequence (rank 3, as text is); else the largest."""
     candidates = [n for n in _data_placeholders(graph) if example(n).dim() >= 3 and example(n).is_floating_point()]
     if not candidates:
         raise UnsupportedGraph("no floating-point input of rank >= 3 (a latent video or image) was found")
-    return max(candidates, key=lambda n: example(n).numel())
+    outputs = {tuple(v.shape) for v in _output_examples(graph)}
+    echoed = [n for n in candidates if tuple(example(n).shape) in outputs]
+    spatial = [n for n in candidates if example(n).dim() >= 4]
+    return max(echoed or spatial or candidates, key=lambda n: example(n).numel())
+
+
+def _output_examples(graph: fx.Graph) -> list[torch.Tensor]:
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    found = []
+    for a in fx.node.map_arg(out.args, lambda n: n) if out is not None else ():
+        stack = [a]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, (list, tuple)):
+                stack.extend(x)
+            elif isinstance(x, fx.Node) and example(x) is not None:
+                found.append(example(x))
+    return found
 
 
 def find_timestep(graph: fx.Graph) -> fx.Node | None:
@@ -220,20 +241,83 @@ def _find_text(graph: fx.Graph, latent: fx.Node) -> fx.Node | None:
 
 
 def _token_layout(graph: fx.Graph, latent: fx.Node, text: fx.Node | None) -> TokenLayout:
+    """How the latent becomes video tokens, read from what the graph does with it: a packed sequence, a
+    patch-embedding convolution, or reshapes/permutes into a Linear (channels first or last)."""
     lat = example(latent)
     batch = int(lat.shape[0])
     text_tokens = int(example(text).shape[1]) if text is not None else None
-    if lat.dim() == 3:  # already tokens, [B, S, C] (LTX packs its latents before the model)
-        return TokenLayout(batch, int(lat.shape[1]), None, text_tokens)
+    if lat.dim() == 3:  # already tokens, [B, S, C] (LTX and Flux pack their latents before the model)
+        return TokenLayout(batch, int(lat.shape[1]), None, text_tokens, "an already packed sequence [B, S, C]")
     for node in graph.nodes:
         if _matches(node, CONV_TARGETS) and latent in set(walk(node, inputs)):
             out = shape(node)
             if len(out) == 5:  # conv3d: [B, C, F, H, W]
-                grid = (int(out[2]), int(out[3]), int(out[4]))
+                grid, how = (int(out[2]), int(out[3]), int(out[4])), "a Conv3d patch embedding"
             else:  # conv2d over frames folded into the batch: [B*F, C, H, W]
-                grid = (int(out[0]) // batch, int(out[2]), int(out[3]))
-            return TokenLayout(batch, grid[0] * grid[1] * grid[2], grid, text_tokens)
-    raise UnsupportedGraph("no patch-embedding convolution over the latent input was found")
+                grid, how = (int(out[0]) // batch, int(out[2]), int(out[3])), "a Conv2d patch embedding per frame"
+            return TokenLayout(batch, grid[0] * grid[1] * grid[2], grid, text_tokens, how)
+    found = _linear_patchify(latent)
+    if found is not None:
+        grid, how = found
+        return TokenLayout(batch, grid[0] * grid[1] * grid[2], grid, text_tokens, how)
+    raise UnsupportedGraph(f"no patch embedding of the latent input {latent.name} {tuple(lat.shape)} was found: "
+                           "neither a convolution over it nor a Linear after reshapes and permutes of it")
+
+
+_SHAPE_OPS = PASSTHROUGH | {"pad", F.pad}
+
+
+def _linear_patchify(latent: fx.Node) -> tuple[tuple[int, int, int], str] | None:
+    """(grid, description) where the latent reaches a Linear through shape ops only (patchify by reshape and
+    permute, as Cosmos, Z-Image and much research code do; or a per-position Linear on a channels-last latent)."""
+    seen, frontier, views, linear = {latent}, [latent], [], None
+    while frontier and linear is None:
+        node = frontier.pop(0)
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _matches(user, LINEAR_TARGETS) and user.args[0] is node:
+                linear = user
+                break
+            if _matches(user, _SHAPE_OPS) and shape(user) is not None:
+                views.append(tuple(int(d) for d in shape(user)))
+                frontier.append(user)
+    if linear is None:
+        return None
+    lat, out = tuple(int(d) for d in shape(latent)), shape(linear)
+    in_features = int(shape(linear.args[0])[-1])
+    tokens = 1
+    for d in out[1:-1]:
+        tokens *= int(d)
+    best = None
+    for channel_axis, where in ((1, "channels first"), (len(lat) - 1, "channels last")):
+        channels = lat[channel_axis]
+        dims = [d for i, d in enumerate(lat) if i not in (0, channel_axis)]
+        dims = [1] * (3 - len(dims)) + dims  # an image is one frame
+        if len(dims) != 3 or in_features % channels:
+            continue
+        for patch in _patch_sizes(dims, in_features // channels):
+            grid = tuple(d // p for d, p in zip(dims, patch))
+            if grid[0] * grid[1] * grid[2] != tokens:
+                continue
+            # the reshapes name the split (H/p, p) when there is one; else square patches, then the smallest in time
+            named = any(all(g in v for g in grid if g > 1) and len(v) > len(lat) for v in views)
+            rank = (not named, patch[1] != patch[2], patch[0])
+            if best is None or rank < best[0]:
+                how = (f"a Linear over {'x'.join(map(str, patch))} patches ({where}) after reshapes of the latent"
+                       if patch != (1, 1, 1) else f"a Linear per latent position ({where})")
+                best = (rank, grid, how)
+    return (best[1], best[2]) if best is not None else None
+
+
+def _patch_sizes(dims: list[int], volume: int):
+    """Every (pt, ph, pw) dividing `dims` whose product is `volume`."""
+    for pt in (p for p in range(1, dims[0] + 1) if dims[0] % p == 0 and volume % p == 0):
+        for ph in (p for p in range(1, dims[1] + 1) if dims[1] % p == 0 and (volume // pt) % p == 0):
+            pw = volume // (pt * ph)
+            if dims[2] % pw == 0:
+                yield (pt, ph, pw)
 
 
 # ---------------------------------------------------------------------------

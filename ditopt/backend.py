@@ -12,13 +12,12 @@ Runtime that drives the hooks.
 
 from __future__ import annotations
 
-import warnings
-
 import torch.fx as fx
 
 from . import contexts
 from .analysis import UnsupportedGraph, find_timestep
 from .config import Config
+from .diagnostics import warn_once
 from .export import Exporter
 from .lowering import compile_graph, lower
 from .parallel import rank_group
@@ -31,7 +30,9 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
 
     A graph without DiT structure is lowered unchanged with one warning that names the reason.
     """
-    return _compile(gm, example_inputs, options, mode, contexts.reader_for(contexts.module_being_compiled()))
+    module = contexts.module_being_compiled()
+    contexts.remember(module)
+    return _compile(gm, example_inputs, options, mode, contexts.reader_for(module))
 
 
 def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
@@ -43,7 +44,7 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
         group.agree("ditopt options", {k: v for k, v in config.to_dict().items() if k != "export_dir"})
     if is_dynamic(gm):  # symbolic sizes: one static specialisation per concrete shape, at call time
         dispatcher = ShapeDispatcher(gm, lambda concrete, inputs: _compile(concrete, inputs, options, mode, context),
-                                     lambda: compile_graph(gm, list(example_inputs), config), _warn_once)
+                                     lambda: compile_graph(gm, list(example_inputs), config), warn_once)
         register(dispatcher, example_inputs)
         return dispatcher
     exporter = Exporter(config.export_dir)
@@ -52,7 +53,7 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
     try:
         gm, structure, reports = run_pipeline(gm, config, on_stage=exporter.graph)
     except UnsupportedGraph as why:
-        _warn_once(f"ditopt: {why}; compiling this graph with plain {config.lowering} and no acceleration")
+        warn_once(f"ditopt: {why}; compiling this graph with plain {config.lowering} and no acceleration")
         exporter.write_report(structure=None, fallback=str(why))
         fallback = Fallback(compile_graph(gm, list(example_inputs), config), str(why), _timestep_slot(gm))
         register(fallback, example_inputs)
@@ -64,7 +65,7 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
         why = reports[method.name].get("nothing")
         hook = method.hook(cfg, lowered) if why is None else why
         if isinstance(hook, str):
-            _warn_once(f"ditopt: {method.name} is on but {_explain(hook, reports[method.name])}; "
+            warn_once(f"ditopt: {method.name} is on but {_explain(hook, reports[method.name])}; "
                        f"it does nothing in this graph")
         else:
             hooks.append(hook)
@@ -100,12 +101,3 @@ def _explain(why: str, report: dict) -> str:
     declined = [f"{', '.join(sites)}: {reason}" for reason, sites in sorted(by_reason.items())]
     return f"{why} ({'; '.join(declined)})" if declined else why
 
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """One warning per reason per process: a model that breaks into many graphs warns once."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)

@@ -27,20 +27,27 @@ import weakref
 import torch
 
 _CACHE_UTILS = "diffusers.models.cache_utils"
-_NAMES: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
+# module -> (name, step_index) of the cache_context its calls run in now; (None, None) outside one
+_CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None, int | None]]" = weakref.WeakKeyDictionary()
+# every module ditopt compiled or saw in a cache_context: where a graph's parameters are looked up
+_KNOWN: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def _recording(original):
     @functools.wraps(original)
     @contextlib.contextmanager
     def cache_context(self, name, *args, **kwargs):
-        outer = _NAMES.get(self)
-        _NAMES[self] = name
+        outer = _CONTEXTS.get(self)
+        _CONTEXTS[self] = (name, kwargs.get("step_index"))
+        _KNOWN.add(self)
         try:
             with original(self, name, *args, **kwargs):
                 yield
         finally:
-            _NAMES[self] = outer
+            if outer is None:
+                _CONTEXTS.pop(self, None)
+            else:
+                _CONTEXTS[self] = outer
 
     cache_context._ditopt_records = True
     return cache_context
@@ -77,15 +84,24 @@ class _InstallOnImport(importlib.abc.MetaPathFinder):
 
 
 class CacheContextReader:
-    """The name of the `cache_context` one model's calls currently run in (None outside one)."""
+    """The `cache_context` one model's calls currently run in: its name and the pipeline's step index."""
 
     def __init__(self, module: torch.nn.Module):
         self._module = weakref.ref(module)
 
+    def _current(self) -> tuple[str | None, int | None]:
+        module = self._module()
+        return _CONTEXTS.get(module, (None, None)) if module is not None else (None, None)
+
     @property
     def name(self) -> str | None:
-        module = self._module()
-        return _NAMES.get(module) if module is not None else None
+        return self._current()[0]
+
+    @property
+    def step_index(self) -> int | None:
+        """The denoising loop's step, where the pipeline says it (diffusers' pipelines pass step_index)."""
+        index = self._current()[1]
+        return int(index) if isinstance(index, (int, torch.Tensor)) else None
 
 
 def reader_for(module: torch.nn.Module | None) -> CacheContextReader | None:
@@ -95,6 +111,23 @@ def reader_for(module: torch.nn.Module | None) -> CacheContextReader | None:
     from diffusers.models.cache_utils import CacheMixin
 
     return CacheContextReader(module) if isinstance(module, CacheMixin) else None
+
+
+def remember(module: torch.nn.Module | None) -> None:
+    """Note a module ditopt compiles, so that `owner_of` finds it from one of its parameters."""
+    if module is not None:
+        _KNOWN.add(module)
+
+
+def owner_of(param: torch.Tensor | None) -> torch.nn.Module | None:
+    """The outermost known module holding `param` (models of one class share a Dynamo graph: the parameters
+    a call passes say which model it is).  Scans parameters once per new model, not per call."""
+    if param is None:
+        return None
+    owners = [m for m in list(_KNOWN) if any(p is param for p in m.parameters())]
+    if not owners:
+        return None
+    return max(owners, key=lambda m: sum(1 for _ in m.parameters()))
 
 
 def module_being_compiled() -> torch.nn.Module | None:

@@ -4,11 +4,16 @@ All state that lives across denoising steps lives here, in plain Python and
 tensors held by this object, never in attributes Dynamo guards on: a
 sampling loop never recompiles.
 
-Step clock: the timestep input is read once per call.  A new generation of a
-stream starts when its timestep does not decrease.  Several calls at one
-timestep (separate cond and uncond passes) are separate streams, each with
-its own caches and decisions: named by diffusers' `cache_context` when the
-call runs in one (ditopt/contexts.py), else by their order at that timestep.
+State is kept per model: models of one class (Wan 2.2's two transformers) share one Dynamo graph,
+and the parameters each call passes say which model it is (`ModelState`).
+
+Step clock (docs/architecture.md, "Steps and generations"): a call's step comes from the caller where it
+says so (diffusers' `cache_context(..., step_index=i)`; `ditopt.generation(model)` counts calls), else
+from the timestep input: a generation runs its timesteps one way, falling or rising, and a new one starts
+where the direction turns or a timestep repeats.  A call with neither starts a new generation every time
+(nothing cached can cross into another generation).  Several calls at one timestep (separate cond and
+uncond passes) are separate streams, each with its own caches and decisions: named by diffusers'
+`cache_context` when the call runs in one (ditopt/contexts.py), else by their order at that timestep.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import contexts
+from .diagnostics import warn_once
 from .lowering import Lowered, Region, VariantCache, fill_template, fuse_regions
 from .method import Hook
 
@@ -67,6 +74,8 @@ class StreamState:
     generation: int = -1
     step: int = -1  # index of the current call within its generation
     last_t: float | None = None
+    direction: int = 0  # +1 rising or -1 falling timesteps in this generation, 0 until its second step
+    last_index: int | None = None  # the caller's step index of the last call (cache_context step_index)
     timesteps: list[float] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # hook name -> its state for this stream
     stats: GenerationStats | None = None
@@ -81,8 +90,10 @@ class StepClock:
         self._call_index = 0
         self.finished: list[GenerationStats] = []
 
-    def observe(self, t: float | None, name: str | None = None) -> StreamState:
-        """The stream of a call at timestep `t`, run in the cache context `name` (None: outside one)."""
+    def observe(self, t: float | None, name: str | None = None, step_index: int | None = None,
+                explicit: bool = False) -> StreamState:
+        """The stream of a call at timestep `t`, run in the cache context `name` (None: outside one) at the
+        caller's `step_index` (None: not said); `explicit`: inside `ditopt.generation`, calls are steps."""
         if t is not None and t == self._prev_t:
             self._call_index += 1
         else:
@@ -92,14 +103,27 @@ class StepClock:
         stream = self.streams.get(key)
         if stream is None:
             stream = self.streams[key] = StreamState(len(self.streams), name)
-        if stream.stats is None or (t is not None and stream.last_t is not None and t >= stream.last_t):
+        if stream.stats is None or (not explicit and self._starts_generation(stream, t, step_index)):
             self._new_generation(stream)
+        elif t is not None and stream.last_t is not None and not stream.direction and t != stream.last_t:
+            stream.direction = 1 if t > stream.last_t else -1
         stream.step += 1
         stream.last_t = t if t is not None else stream.last_t
+        stream.last_index = step_index
         if t is not None:
             stream.timesteps.append(t)
         stream.stats.steps += 1
         return stream
+
+    @staticmethod
+    def _starts_generation(stream: StreamState, t: float | None, step_index: int | None) -> bool:
+        if step_index is not None:  # the caller says where the loop is
+            return step_index == 0 or (stream.last_index is not None and step_index < stream.last_index)
+        if t is None or stream.last_t is None:
+            return True  # no way to tell steps apart: every call is a first step, so nothing is reused
+        if t == stream.last_t:
+            return True
+        return bool(stream.direction) and (1 if t > stream.last_t else -1) != stream.direction
 
     def stream(self, index: int) -> StreamState:
         """The stream that appeared `index`-th (0: the one that leads at each timestep)."""
@@ -111,6 +135,7 @@ class StepClock:
             self.finished.append(stream.stats)
         stream.generation += 1  # every hook's state lives in stream.state: a new generation starts empty
         stream.step = -1
+        stream.direction = 0
         stream.timesteps = []
         stream.state = {}
         stream.stats = GenerationStats(stream.index, stream.generation, stream.name)
@@ -127,6 +152,19 @@ class StepClock:
 
     def all_stats(self) -> list[GenerationStats]:
         return self.finished + [s.stats for s in self.streams.values() if s.stats is not None]
+
+
+@dataclass
+class ModelState:
+    """What a runtime keeps for one model calling its graph: its step clock and where its cache context is
+    read.  `key` is the parameter (in the graph's inputs) that identifies the model."""
+
+    key: "weakref.ref | None"
+    clock: StepClock = field(default_factory=StepClock)
+    context: Any = None  # a contexts.CacheContextReader, or None
+    owner: Any = None  # weak reference to the model's module where it is known (the forward-wide timestep store)
+    calls: int = 0
+    explicit: bool = False  # inside ditopt.generation(model): calls are the steps of one generation
 
 
 class Call:
@@ -176,7 +214,6 @@ class Runtime:
     def __init__(self, lowered: Lowered, hooks: list[Hook], config, report: dict, context=None, group=None):
         self.lowered = lowered
         self.group = group  # a parallel.RankGroup under context parallelism: decisions read reduced metrics
-        self.context = context  # a contexts.CacheContextReader: diffusers' name of each call's stream
         self.structure = lowered.structure
         self.regions = lowered.regions
         self.template = lowered.template
@@ -198,7 +235,9 @@ class Runtime:
         self._after = [h for h in hooks if type(h).after_region is not Hook.after_region]
         self.fused = self._fuse(lowered)  # first index -> merged region
         self._varying.update({(r.index, r.last): self._hook_made_inputs(r) for r in self.fused.values()})
-        self.clock = StepClock()
+        self.models: dict[int, ModelState] = {}  # id of the identifying parameter -> that model's state
+        self.param_slot: int | None = None  # set by `register`: where the graph takes its first parameter
+        self._compiled_context = context
         self.variants = VariantCache(config)
         self.num_slots = max((s for r in regions for s in r.output_slots), default=0) + 1
         self._fns: dict[tuple, Callable] = {}
@@ -243,13 +282,41 @@ class Runtime:
                 _add_collective(tally.collectives, op, calls, size)
         return out
 
+    def model_state(self, args) -> ModelState:
+        """The state of the model making this call (found by the identity of a parameter it passes)."""
+        param = args[self.param_slot] if self.param_slot is not None else None
+        model = self.models.get(id(param))
+        if model is None or (model.key is not None and model.key() is not param):
+            owner = contexts.owner_of(param)
+            context = contexts.reader_for(owner) if owner is not None else self._compiled_context
+            model = self.models[id(param)] = ModelState(weakref.ref(param) if param is not None else None,
+                                                        context=context,
+                                                        owner=weakref.ref(owner) if owner is not None else None,
+                                                        explicit=any(id(param) in ids for ids in _EXPLICIT.values()))
+            if param is not None:  # ditopt.stats(that model) finds this runtime
+                self.params[id(param)] = weakref.ref(param)
+        return model
+
+    @property
+    def clock(self) -> StepClock:
+        """The step clock of the model that called first (the only one, unless models share this graph)."""
+        return next(iter(self.models.values())).clock if self.models else StepClock()
+
     def _forward(self, *args):
         self.calls += 1
-        t = read_timestep(args, self.timestep_slot)
-        name = self.context.name if self.context is not None else None
-        if name is None and self.calls == 1:
-            self.context = None  # its first call ran outside a cache context: streams are counted, always
-        stream = self.clock.observe(t, name)
+        model = self.model_state(args)
+        model.calls += 1
+        t = read_timestep(args, self.timestep_slot, model.owner)
+        name = model.context.name if model.context is not None else None
+        step_index = model.context.step_index if model.context is not None else None
+        if name is None and model.calls == 1:
+            model.context = None  # its first call ran outside a cache context: streams are counted, always
+        if t is None and step_index is None and not model.explicit and model.calls == 2:
+            warn_once("ditopt: this graph cannot tell the denoising steps of its calls apart (it takes no "
+                      "timestep, and the caller gives no diffusers cache_context step_index): every call runs as "
+                      "the first step of a generation, so nothing is skipped or reused; run the loop inside "
+                      "`with ditopt.generation(model):` to count its calls as steps")
+        stream = model.clock.observe(t, name, step_index, model.explicit)
         call = Call(self, stream, list(args) + [None] * max(0, self.num_slots - len(args)))
         for hook in self.hooks:
             hook.begin_call(call)
@@ -307,9 +374,17 @@ class Runtime:
 
     # -- inspection ----------------------------------------------------------
 
-    def stats(self) -> dict:
+    def models_of(self, params: set[int] | None) -> list[ModelState]:
+        """The states of the models among `params` (ids of parameters; None: every model)."""
+        return [m for k, m in self.models.items() if params is None or k in params]
+
+    def generations(self, params: set[int] | None = None) -> list[GenerationStats]:
+        return [g for m in self.models_of(params) for g in m.clock.all_stats()]
+
+    def stats(self, params: set[int] | None = None) -> dict:
+        """This graph's figures; `params` (ids of a model's parameters) keeps that model's generations."""
         return {
-            "calls": self.calls,
+            "calls": sum(m.calls for m in self.models_of(params)) if params is not None else self.calls,
             "blocks": len(self.structure.blocks),
             "regions": len(self.regions),
             "fused": [[r.index, r.last] for r in self.fused.values()],  # runs of regions compiled as one
@@ -319,31 +394,47 @@ class Runtime:
             **({"context_parallel": {"ranks": self.group.size, "rank": self.group.rank,
                                      "decision_all_reduces": self.group.collectives}} if self.group else {}),
             "compile_seconds": round(self.variants.compile_seconds, 3),
-            "generations": [g.to_dict() for g in self.clock.all_stats()],
+            "generations": [g.to_dict() for g in self.generations(params)],
         }
 
-    def reset(self) -> None:
-        self.clock.reset()
+    def reset(self, params: set[int] | None = None) -> None:
+        for m in self.models_of(params):
+            m.clock.reset()
+
+    def set_explicit(self, params: set[int] | None, on: bool) -> None:
+        for m in self.models_of(params):
+            m.explicit = on
 
 
-_LAST_TIMESTEP: list = [None]  # the timestep the latest graph with one took: a tensor, a number or None
+# The timestep a graph of a forward took, for the graphs after it that take none (a graph break put the
+# timestep embedding in an earlier graph): kept per model, so that no model reads another's.
+_FORWARD_TIMESTEP: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
-def read_timestep(args, slot: int | None) -> float | None:
-    """The timestep of this call: read from the graph's own input, or, for a graph without one (a graph
-    break put the timestep embedding in an earlier graph of the same forward), the one that graph took."""
+def read_timestep(args, slot: int | None, owner: "weakref.ref | None" = None) -> float | None:
+    """The timestep of this call, as one number: the graph's own input (the largest value of a per-sample or
+    per-token timestep: a per-token one is 0 on conditioning frames), or, for a graph without one, what an
+    earlier graph of the same model's forward took.  One host read, made where the step is needed."""
+    module = owner() if owner is not None else None
     if slot is not None:
-        _LAST_TIMESTEP[0] = args[slot]
-    t = _LAST_TIMESTEP[0]
-    if isinstance(t, torch.Tensor):  # the one host read, made where the step is needed
-        t = _LAST_TIMESTEP[0] = float(t.reshape(-1)[0])
+        t = args[slot]
+        if module is not None:
+            _FORWARD_TIMESTEP[module] = t
+    else:
+        t = _FORWARD_TIMESTEP.get(module) if module is not None else None
+    if isinstance(t, torch.Tensor):
+        t = float(t.detach().amax()) if t.numel() > 1 else float(t.reshape(-1)[0])
+        if module is not None:
+            _FORWARD_TIMESTEP[module] = t
     return t
 
 
-def keep_timestep(args, slot: int) -> None:
-    """What a graph compiled without acceleration does with its timestep: keep it for the graphs after it,
-    unread (no host read where nothing needs the step)."""
-    _LAST_TIMESTEP[0] = args[slot]
+def keep_timestep(args, slot: int, owner: "weakref.ref | None") -> None:
+    """What a graph compiled without acceleration does with its timestep: keep it for the graphs of the same
+    model's forward after it, unread (no host read where nothing needs the step)."""
+    module = owner() if owner is not None else None
+    if module is not None:
+        _FORWARD_TIMESTEP[module] = args[slot]
 
 
 class Fallback:
@@ -358,18 +449,32 @@ class Fallback:
         self.timestep_slot = timestep_slot
         self.index = next(_RUNTIME_IDS)
         self.params: dict[int, weakref.ref] = {}
+        self.param_slot: int | None = None
+        self.owners: dict[int, Any] = {}  # id of the identifying parameter -> weak ref to its model, or None
         self.calls = 0
 
     def __call__(self, *args):
         self.calls += 1
         if self.timestep_slot is not None:
-            keep_timestep(args, self.timestep_slot)
+            keep_timestep(args, self.timestep_slot, self._owner(args))
         return self.fn(*args)
 
-    def stats(self) -> dict:
+    def _owner(self, args):
+        param = args[self.param_slot] if self.param_slot is not None else None
+        if id(param) not in self.owners:
+            owner = contexts.owner_of(param)
+            self.owners[id(param)] = weakref.ref(owner) if owner is not None else None
+            if param is not None:
+                self.params[id(param)] = weakref.ref(param)
+        return self.owners[id(param)]
+
+    def stats(self, params: set[int] | None = None) -> dict:
         return {"calls": self.calls, "fallback": self.reason, "compiled_variants": 0, "generations": []}
 
-    def reset(self) -> None:
+    def reset(self, params: set[int] | None = None) -> None:
+        pass
+
+    def set_explicit(self, params: set[int] | None, on: bool) -> None:
         pass
 
 
@@ -465,9 +570,11 @@ _RUNTIMES: "weakref.WeakSet[Runtime]" = weakref.WeakSet()
 
 
 def register(runtime: "Runtime | Fallback", example_inputs) -> None:
-    for x in example_inputs:
+    for i, x in enumerate(example_inputs):
         if isinstance(x, torch.nn.Parameter):
             runtime.params[id(x)] = weakref.ref(x)
+            if getattr(runtime, "param_slot", 0) is None:
+                runtime.param_slot = i  # the first parameter: which model a call is, where models share the graph
     _RUNTIMES.add(runtime)
 
 
@@ -484,19 +591,25 @@ def _holds(runtime: Runtime, param: torch.Tensor) -> bool:
     return ref is not None and ref() is param
 
 
+def _param_ids(model: torch.nn.Module) -> set[int]:
+    return {id(p) for p in getattr(model, "_orig_mod", model).parameters()}
+
+
 def reset(model: torch.nn.Module) -> None:
     """Forget all cross-step state of a model: the next call starts a new generation in every stream."""
+    params = _param_ids(model)
     for r in runtimes_of(model):
-        r.reset()
+        r.reset(params)
 
 
 def stats(model: torch.nn.Module) -> dict:
     """What ditopt did for a model: per compiled graph (oldest first) its regions, methods and variants, or
     the reason it fell back; per generation (in the order they started) the steps seen, the block calls
-    computed and skipped, and one section per method."""
+    computed and skipped, and one section per method.  Where models share a graph, only this model's calls."""
     found = runtimes_of(model)
-    graphs = [r.stats() for r in found]
-    generations = sorted((g for r in found if isinstance(r, Runtime) for g in r.clock.all_stats()),
+    params = _param_ids(model)
+    graphs = [r.stats(params) for r in found]
+    generations = sorted((g for r in found if isinstance(r, Runtime) for g in r.generations(params)),
                          key=lambda g: g.order)
     return {
         "graphs": graphs,
@@ -543,9 +656,22 @@ def explain(model: torch.nn.Module) -> str:
 
 @contextlib.contextmanager
 def generation(model: torch.nn.Module):
-    """Run one generation explicitly: state is reset on entry and on exit."""
+    """Run one generation explicitly: state is reset on entry and on exit, and every call inside is the next
+    step of it (whatever the timesteps say)."""
     reset(model)
+    params = _param_ids(model)
+    for r in runtimes_of(model):
+        r.set_explicit(params, True)
+    _EXPLICIT[model] = params
     try:
         yield
     finally:
+        _EXPLICIT.pop(model, None)
+        for r in runtimes_of(model):
+            r.set_explicit(params, False)
         reset(model)
+
+
+# Models inside `generation()` whose graphs were not compiled yet when it began (their runtimes see it at
+# their first call).
+_EXPLICIT: "weakref.WeakKeyDictionary[torch.nn.Module, set[int]]" = weakref.WeakKeyDictionary()

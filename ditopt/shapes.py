@@ -115,9 +115,12 @@ class ShapeDispatcher:
             fn = self.specialised[key] = self.compile_static(concretize(self.gm, args), list(args))
         return fn(*args)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, params: set[int] | None = None) -> dict[str, Any]:
         return {"calls": self.calls, "dynamic": True, "shapes_specialised": len(self.specialised),
                 "compiled_variants": 0, "generations": []}
 
-    def reset(self) -> None:
+    def reset(self, params: set[int] | None = None) -> None:
+        pass  # each specialisation is a runtime of its own, registered for the same model
+
+    def set_explicit(self, params: set[int] | None, on: bool) -> None:
         pass

@@ -15,9 +15,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    from ditopt import backend
+    from ditopt import diagnostics
 
-    backend._WARNED.clear()  # the once-per-reason warning state is per process
+    diagnostics.forget()  # the once-per-reason warning state is per process
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=2)
     b.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     b.add_argument("--no-flops", action="store_true", help="skip the FLOP count (an extra eager run per config)")
-    b.add_argument("--out", help="folder for bench.json and bench.md")
+    b.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png (default out/bench)")
     b.set_defaults(func=_bench)
     c = sub.add_parser("calibrate", help="an AdaCache codebook for a target speed-up, from full-compute runs")
     c.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))

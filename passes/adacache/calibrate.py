@@ -62,7 +62,7 @@ def calibrate(model: torch.nn.Module, generate: Callable[[Callable], object], ta
     with torch.no_grad():
         generate(compiled)
     mine = [r for r in runtimes_of(model) if id(r) not in before]
-    gens = [g.to_dict() for r in mine if isinstance(r, Runtime) for g in r.clock.all_stats()]
+    gens = [g.to_dict() for r in mine if isinstance(r, Runtime) for g in r.generations()]
     if not gens or "metrics" not in gens[0].get("adacache", {}):
         reasons = [r.reason for r in mine if not isinstance(r, Runtime)]
         raise ValueError("ditopt calibrate: the model has no AdaCache probe"
