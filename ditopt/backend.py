@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from . import contexts
-from .analysis import UnsupportedGraph, find_timestep
+from .analysis import UnsupportedGraph, find_timestep, module_path
 from .config import Config
 from .diagnostics import warn_once
 from .export import Exporter
@@ -36,9 +36,7 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
 
 
 def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
-    from ditopt.passes.pipeline import run_pipeline
-
-    config = Config.from_options(options, mode)
+    config = Config.from_options(options, mode)  # a bad option is the caller's to fix: it raises
     group = rank_group(gm)  # context parallelism: the ranks that must take the same decisions
     if group is not None:
         group.agree("ditopt options", {k: v for k, v in config.to_dict().items() if k != "export_dir"})
@@ -47,29 +45,50 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
                                      lambda: compile_graph(gm, list(example_inputs), config), warn_once)
         register(dispatcher, example_inputs)
         return dispatcher
+    original = snapshot(gm)  # the graph as Dynamo gave it: what runs if anything below fails
     exporter = Exporter(config.export_dir)
+    stage = ["the start"]
+    try:
+        return _accelerate(gm, example_inputs, config, context, group, exporter, original, stage)
+    except Exception as err:  # noqa: BLE001 - the safety net: ditopt's failure must not reach the caller's loop
+        reason = failure_reason(err, stage[0])
+        warn_once(f"ditopt: {reason}; compiling this graph with plain {config.lowering} and no acceleration")
+        exporter.write_report(structure=None, fallback=reason)
+        return _fallback(original, example_inputs, config, reason)
+
+
+def _accelerate(gm, example_inputs, config, context, group, exporter, original, stage):
+    from ditopt.passes.pipeline import run_pipeline
+
+    def on_stage(name, graph_module):
+        stage[0] = f"the stage after {name}"
+        exporter.graph(name, graph_module)
+
     exporter.graph("dynamo", gm)
     exporter.write_report(config=config.to_dict())
     try:
-        gm, structure, reports = run_pipeline(gm, config, on_stage=exporter.graph)
+        stage[0] = "the pass pipeline"
+        gm, structure, reports = run_pipeline(gm, config, on_stage=on_stage)
     except UnsupportedGraph as why:
         warn_once(f"ditopt: {why}; compiling this graph with plain {config.lowering} and no acceleration")
         exporter.write_report(structure=None, fallback=str(why))
-        fallback = Fallback(compile_graph(gm, list(example_inputs), config), str(why), _timestep_slot(gm))
-        register(fallback, example_inputs)
-        return fallback
+        return _fallback(original, example_inputs, config, str(why))
 
+    stage[0] = "the lowering"
     lowered = lower(gm, structure)
     hooks = []
     for method, cfg in config.enabled():
+        stage[0] = f"{method.name}'s hook"
         why = reports[method.name].get("nothing")
         hook = method.hook(cfg, lowered) if why is None else why
         if isinstance(hook, str):
             warn_once(f"ditopt: {method.name} is on but {_explain(hook, reports[method.name])}; "
-                       f"it does nothing in this graph")
+                      f"it does nothing in this graph")
         else:
             hooks.append(hook)
-    runtime = Runtime(lowered, hooks, config, reports, context, group)
+    stage[0] = "the runtime"
+    runtime = Runtime(lowered, hooks, config, reports, context, group,
+                      plain=lambda: compile_graph(original, list(example_inputs), config))
     register(runtime, example_inputs)
     exporter.lowered(lowered.regions, runtime.fused)
     exporter.write_report(
@@ -81,6 +100,40 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
                for r in runtime.fused.values()],
     )
     return runtime
+
+
+def _fallback(gm: fx.GraphModule, example_inputs, config, reason: str) -> Fallback:
+    fallback = Fallback(compile_graph(gm, list(example_inputs), config), reason, _timestep_slot(gm))
+    register(fallback, example_inputs)
+    return fallback
+
+
+def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of gm's graph (nodes and their meta, shallowly) over the same attributes: the passes rewrite gm
+    in place, and this keeps what Dynamo gave, cheaply (no tensor is copied)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def failure_reason(err: BaseException, stage: str) -> str:
+    """The exception, where in ditopt it was raised, and the graph node being handled, in one line."""
+    node = failing_node(err)
+    where = f" at node {node.name}" + (f" (in {module_path(node)})" if module_path(node) else "") if node else ""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__} in {stage}{where}: {text[:300]}"
+
+
+def failing_node(err: BaseException) -> fx.Node | None:
+    """The FX node the innermost frame of err's traceback was working on (a local holding a node), if any."""
+    tb, found = err.__traceback__, None
+    while tb is not None:
+        nodes = [v for v in tb.tb_frame.f_locals.values() if isinstance(v, fx.Node)]
+        if nodes:
+            found = nodes[0]
+        tb = tb.tb_next
+    return found
 
 
 def _timestep_slot(gm: fx.GraphModule) -> int | None:

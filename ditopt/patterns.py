@@ -34,6 +34,13 @@ PASSTHROUGH = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous", "to", "float", "type_as",
     "half", "bfloat16", "squeeze", "unsqueeze", "clone", "__getitem__",
 }
+# Ops whose output's size or value is read from tensor data on the host: a region compiled on its own cannot
+# hold them (Inductor raises DataDependentOutputException), so no pass moves them.
+DATA_DEPENDENT = {
+    "item", "tolist", "nonzero", "masked_select", "unique", "__bool__", "__int__", "__float__",
+    torch.nonzero, torch.masked_select, torch.unique, torch.argwhere, torch.bincount,
+    torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+}
 # What may lie between a span's input and its output when the output is a residual update of it.
 RESIDUAL_PATH = ADD_TARGETS | PASSTHROUGH | SPLITS | {torch.cat, operator.getitem}
 

@@ -211,8 +211,12 @@ class Call:
 class Runtime:
     """The callable the backend hands to Dynamo for one graph: runs the regions, drives the hooks."""
 
-    def __init__(self, lowered: Lowered, hooks: list[Hook], config, report: dict, context=None, group=None):
+    def __init__(self, lowered: Lowered, hooks: list[Hook], config, report: dict, context=None, group=None,
+                 plain: Callable[[], Callable] | None = None):
         self.lowered = lowered
+        self._plain = plain  # compiles the graph as Dynamo gave it: what runs if ditopt's own code fails
+        self.plain_fn: Callable | None = None
+        self.gave_up: str | None = None  # why this graph runs plain from now on
         self.group = group  # a parallel.RankGroup under context parallelism: decisions read reduced metrics
         self.structure = lowered.structure
         self.regions = lowered.regions
@@ -244,6 +248,7 @@ class Runtime:
         self.params: dict[int, weakref.ref] = {}  # id -> weak reference, to recognise the model
         self.calls = 0
         self.region_calls = 0  # compiled region code run (hooks' reuse of cached outputs not counted)
+        self._running: Region | None = None  # the region being run (a failure's warning names it)
 
     def _hook_made_inputs(self, region: Region) -> list[int]:
         return [i for i, s in enumerate(region.input_slots) if s in self._hook_made]
@@ -261,7 +266,31 @@ class Runtime:
     # -- execution -----------------------------------------------------------
 
     def __call__(self, *args):
-        """One forward of the model's graph: the same arguments and result as the graph Dynamo traced."""
+        """One forward of the model's graph: the same arguments and result as the graph Dynamo traced.
+
+        If ditopt's own code fails during a call (a region's lazy compile, a hook), the call runs again as
+        the unaccelerated graph, and so does every later call: one warning names the exception and region.
+        An exception the plain graph raises too is the model's own, and reaches the caller as it would."""
+        if self.plain_fn is not None:
+            return self.plain_fn(*args)
+        try:
+            return self._counted(*args)
+        except Exception as err:  # noqa: BLE001 - the safety net (docs/architecture.md)
+            if self._plain is None:
+                raise
+            self._give_up(err)
+            return self.plain_fn(*args)
+
+    def _give_up(self, err: Exception) -> None:
+        from .backend import failure_reason
+
+        region = self._running.name if self._running is not None else None
+        self.gave_up = failure_reason(err, f"the runtime ({'region ' + region if region else 'between regions'})")
+        self.plain_fn = self._plain()
+        warn_once(f"ditopt: {self.gave_up}; this graph runs with plain {self.config.lowering} and no "
+                  "acceleration from now on")
+
+    def _counted(self, *args):
         if not _FLOP_TALLIES:
             return self._forward(*args)
         from torch.utils.flop_counter import FlopCounterMode
@@ -327,7 +356,7 @@ class Runtime:
             if jump is not None:
                 i = self._jumped(stream, i, jump)
                 continue
-            region = self.fused.get(i) or self.regions[i]
+            region = self._running = self.fused.get(i) or self.regions[i]
             inputs = [values[s] for s in region.input_slots]
             outputs = None if region.kind == "fused" else _first(h.run_region(call, region, inputs) for h in self._run)
             if outputs is None:
@@ -384,6 +413,7 @@ class Runtime:
     def stats(self, params: set[int] | None = None) -> dict:
         """This graph's figures; `params` (ids of a model's parameters) keeps that model's generations."""
         return {
+            **({"fallback": self.gave_up} if self.gave_up else {}),
             "calls": sum(m.calls for m in self.models_of(params)) if params is not None else self.calls,
             "blocks": len(self.structure.blocks),
             "regions": len(self.regions),
@@ -623,7 +653,7 @@ def explain(model: torch.nn.Module) -> str:
     """What ditopt did for a model, in words: graphs, fallbacks and why, and the last generation."""
     s = stats(model)
     lines = []
-    accelerated = [g for g in s["graphs"] if "blocks" in g]
+    accelerated = [g for g in s["graphs"] if "blocks" in g and "fallback" not in g]
     dynamic = [g for g in s["graphs"] if g.get("dynamic")]
     if not s["graphs"]:
         return "ditopt has compiled no graph of this model yet (call the compiled model first)."

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from ditopt.analysis import DiTStructure, module_path
 from ditopt.method import Rewrite, Tag, tag
-from ditopt.patterns import PASSTHROUGH, dependents, inputs, is_call, move_to_head, walk, writes_in_place
+from ditopt.patterns import DATA_DEPENDENT, PASSTHROUGH, dependents, inputs, is_call, move_to_head, walk, writes_in_place
 
 REGION = "invariants"
 
@@ -55,6 +55,8 @@ def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg) -> Rewrite:
         if all(is_call(n, PASSTHROUGH) or n.op == "get_attr" for n in computed):
             continue  # a view of an input: nothing to save
         why = ("it includes a block's first or last node" if closure & pinned else
+               "it reads tensor data on the host (.item(), nonzero, ...)" if any(is_call(n, DATA_DEPENDENT)
+                                                                                  for n in computed) else
                "it reads a tensor the graph writes in place" if closure & written else
                "it includes an in-place or random op" if any(_impure(n) for n in computed) else None)
         if why is not None:
