@@ -216,10 +216,11 @@ def _output_examples(graph: fx.Graph) -> list[torch.Tensor]:
 
 
 def find_timestep(graph: fx.Graph) -> fx.Node | None:
-    """The timestep input: a small data input that feeds a sinusoidal embedding (found among the
-    values of rank <= 2, where an embedding of one number per sample lives)."""
-    embedding = {n for n in graph.nodes if (v := example(n)) is not None and v.dim() <= 2}
-    candidates = [n for n in _data_placeholders(graph) if example(n).dim() <= 1]
+    """The timestep input: a data input of rank <= 2 that feeds a sinusoidal embedding (found among the
+    values of rank <= 3, where an embedding of one number per sample, or per token, lives)."""
+    embedding = {n for n in graph.nodes if (v := example(n)) is not None and v.dim() <= 3}
+    # per sample [B] (or a scalar) first; then per token [B, N] (Wan 2.2 TI2V's expand_timesteps)
+    candidates = sorted((n for n in _data_placeholders(graph) if example(n).dim() <= 2), key=lambda n: example(n).dim())
     sinusoidal = [n for n in candidates if first_reached(n, users, SIN_COS, within=embedding) is not None]
     named = [n for n in sinusoidal if "timestep" in n.name or n.name in ("l_t_", "l_kwargs_t_")]
     if named or sinusoidal:
@@ -618,8 +619,10 @@ def _unknown_attention_op(graph: fx.Graph) -> str | None:
         name = op_name(n) if n.op == "call_function" else None
         if name is None or name.startswith("aten::") or not ("attn" in name or "attention" in name):
             continue
-        return (f"the attention {n.name} (in {module_path(n) or 'the model'}) calls {name}, an attention op "
-                "ditopt has no rule for (packed_attention.FORMS lists the ones it rewrites to SDPA)")
+        why = n.meta.get("ditopt_declined")  # a normalisation rule looked at it and said why it left it
+        return (f"the attention {n.name} (in {module_path(n) or 'the model'}) calls {name}, "
+                + (f"which ditopt leaves as it is: {why}" if why else
+                   "an attention op ditopt has no rule for (packed_attention.FORMS lists the ones it rewrites to SDPA)"))
     return None
 
 

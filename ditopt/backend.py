@@ -12,12 +12,15 @@ Runtime that drives the hooks.
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 import torch.fx as fx
 
 from . import contexts
 from .analysis import UnsupportedGraph, find_timestep, module_path
 from .config import Config
-from .diagnostics import warn_once
+from .diagnostics import OptionError, warn_once
 from .export import Exporter
 from .lowering import compile_graph, lower
 from .parallel import rank_group
@@ -32,16 +35,25 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
     """
     module = contexts.module_being_compiled()
     contexts.remember(module)
-    return _compile(gm, example_inputs, options, mode, contexts.reader_for(module))
+    context = contexts.reader_for(module)
+    # the model this graph is part of: a block's forward compiled on its own belongs to its transformer
+    param = next((x for x in example_inputs if isinstance(x, torch.nn.Parameter)), None)
+    model = contexts.owner_of(param) or module
+    earlier_break = _BREAKS.get(model) if model is not None else None
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if model is not None and reason is not None and getattr(reason, "graph_break", False):
+        _BREAKS[model] = describe_break(reason)  # this graph ends at a break: say so for the graphs after it
+    return _compile(gm, example_inputs, options, mode, context, earlier_break)
 
 
-def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
+def _compile(gm: fx.GraphModule, example_inputs, options, mode, context, earlier_break: str | None = None):
     config = Config.from_options(options, mode)  # a bad option is the caller's to fix: it raises
     group = rank_group(gm)  # context parallelism: the ranks that must take the same decisions
     if group is not None:
         group.agree("ditopt options", {k: v for k, v in config.to_dict().items() if k != "export_dir"})
     if is_dynamic(gm):  # symbolic sizes: one static specialisation per concrete shape, at call time
-        dispatcher = ShapeDispatcher(gm, lambda concrete, inputs: _compile(concrete, inputs, options, mode, context),
+        dispatcher = ShapeDispatcher(gm, lambda concrete, inputs: _compile(concrete, inputs, options, mode, context,
+                                                                          earlier_break),
                                      lambda: compile_graph(gm, list(example_inputs), config), warn_once)
         register(dispatcher, example_inputs)
         return dispatcher
@@ -49,7 +61,9 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
     exporter = Exporter(config.export_dir)
     stage = ["the start"]
     try:
-        return _accelerate(gm, example_inputs, config, context, group, exporter, original, stage)
+        return _accelerate(gm, example_inputs, config, context, group, exporter, original, stage, earlier_break)
+    except OptionError:
+        raise  # an option that does not fit this model: the caller's to fix
     except Exception as err:  # noqa: BLE001 - the safety net: ditopt's failure must not reach the caller's loop
         reason = failure_reason(err, stage[0])
         warn_once(f"ditopt: {reason}; compiling this graph with plain {config.lowering} and no acceleration")
@@ -57,7 +71,7 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context):
         return _fallback(original, example_inputs, config, reason)
 
 
-def _accelerate(gm, example_inputs, config, context, group, exporter, original, stage):
+def _accelerate(gm, example_inputs, config, context, group, exporter, original, stage, earlier_break=None):
     from ditopt.passes.pipeline import run_pipeline
 
     def on_stage(name, graph_module):
@@ -69,10 +83,16 @@ def _accelerate(gm, example_inputs, config, context, group, exporter, original, 
     try:
         stage[0] = "the pass pipeline"
         gm, structure, reports = run_pipeline(gm, config, on_stage=on_stage)
-    except UnsupportedGraph as why:
+    except UnsupportedGraph as unsupported:
+        why = str(unsupported)
+        if earlier_break is not None and ("no list of transformer blocks" in why or "no complete transformer" in why
+                                          or "holds no attention" in why):
+            why = (f"a graph break at {earlier_break} cuts this model's forward before its blocks, so they reach "
+                   f"ditopt in graphs of their own ({why.split(':')[0]}); avoid the break there (compute that value "
+                   "before calling the model, or make it a tensor op) to keep the blocks in one graph")
         warn_once(f"ditopt: {why}; compiling this graph with plain {config.lowering} and no acceleration")
-        exporter.write_report(structure=None, fallback=str(why))
-        return _fallback(original, example_inputs, config, str(why))
+        exporter.write_report(structure=None, fallback=why)
+        return _fallback(original, example_inputs, config, why)
 
     stage[0] = "the lowering"
     lowered = lower(gm, structure)
@@ -100,6 +120,17 @@ def _accelerate(gm, example_inputs, config, context, group, exporter, original, 
                for r in runtime.fused.values()],
     )
     return runtime
+
+
+# module -> the graph break the latest graph of its forward ended at (graphs after a break say where it was)
+_BREAKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def describe_break(reason) -> str:
+    """Dynamo's graph-break reason with the user's source line it happened at."""
+    where = next((f"{f.filename}:{f.lineno} ({(f.line or '').strip()})" for f in reversed(reason.user_stack or [])),
+                 "an unknown line")
+    return f"{where}: {str(reason.reason).splitlines()[0][:200]}"
 
 
 def _fallback(gm: fx.GraphModule, example_inputs, config, reason: str) -> Fallback:

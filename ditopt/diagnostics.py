@@ -8,6 +8,11 @@ import warnings
 _WARNED: set[str] = set()
 
 
+class OptionError(ValueError):
+    """An option that does not fit the model being compiled (a block index out of range, a table of the
+    wrong length): the caller's to fix, so the safety net lets it through instead of falling back."""
+
+
 def warn_once(message: str, stacklevel: int = 3) -> None:
     """Warn with `message` unless this process already did."""
     if message not in _WARNED:

@@ -147,6 +147,8 @@ def op_name(node: fx.Node) -> str | None:
         return target._schema.name
     if isinstance(target, torch._ops.OpOverloadPacket):
         return target._qualified_op_name
+    if isinstance(target, torch._ops.HigherOrderOperator):  # flex_attention, ...
+        return f"higher_order::{target._name}"
     return None
 
 

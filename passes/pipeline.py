@@ -16,13 +16,14 @@ import torch.fx as fx
 
 from ditopt.analysis import DiTStructure, analyze
 
-from . import (adacache, asymrnr, hoist_block_constants, invariants, normalize_attention, packed_attention,
-               remove_inference_noops, teacache, toca)
+from . import (adacache, asymrnr, flex_attention, hoist_block_constants, invariants, normalize_attention,
+               packed_attention, remove_inference_noops, teacache, toca)
 
 NORMALIZE: tuple[tuple[str, Callable[[fx.GraphModule], dict]], ...] = (
     ("remove_inference_noops", remove_inference_noops.run),  # first: dropout between softmax and V goes
     ("normalize_attention", normalize_attention.run),  # hand-written attention -> SDPA, where exact
     ("packed_attention", packed_attention.run),  # flash-attn / xformers calls, packed batches -> per-sample SDPA
+    ("flex_attention", flex_attention.run),  # flex attention without score or mask mods -> SDPA
     ("hoist_block_constants", hoist_block_constants.run),  # weight-only values blocks hand on -> graph head
 )
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from ditopt.diagnostics import OptionError
 
 from ..skipping import SkipHook, guarded_spans, in_last_steps, plan_spans, probe_slots, ratio, relative_l1_sums
 from .config import AdaCacheConfig
@@ -231,7 +232,7 @@ def make_hook(cfg: AdaCacheConfig, lowered) -> SkipHook | str:
     grid = lowered.structure.layout.grid
     frames = grid[0] if grid else None
     if cfg.moreg and (frames is None or frames < 2):
-        raise ValueError("ditopt: adacache.moreg needs video with more than one latent frame and a known "
+        raise OptionError("ditopt: adacache.moreg needs video with more than one latent frame and a known "
                          f"F x H x W grid; this model's grid is {grid}. Set adacache.moreg=False.")
     names = sorted({name.split(":")[0] for at in probes.values() for name, _ in at})
     frame_tokens = grid[1] * grid[2] if grid else None

@@ -17,6 +17,7 @@ from ditopt.analysis import DiTStructure
 from ditopt.method import Rewrite
 
 from ditopt.patterns import nodes_between
+from ditopt.diagnostics import OptionError
 
 from ..skipping import insert_guards, mark_probe, residual_streams, spans_report
 from .config import AdaCacheConfig
@@ -62,7 +63,7 @@ def probes_for(gm: fx.GraphModule, structure: DiTStructure, cfg: AdaCacheConfig)
     if cfg.probe_blocks:
         bad = [b for b in cfg.probe_blocks if b >= len(blocks)]
         if bad:
-            raise ValueError(f"ditopt: adacache.probe_blocks {bad} are out of range; "
+            raise OptionError(f"ditopt: adacache.probe_blocks {bad} are out of range; "
                              f"this model has {len(blocks)} blocks (0..{len(blocks) - 1})")
         chosen = [blocks[b] for b in cfg.probe_blocks]
     else:

@@ -30,6 +30,7 @@ import torch
 
 from ditopt.kernels.matching import matching_flops
 from ditopt.method import Hook
+from ditopt.diagnostics import OptionError
 
 from . import plans as tm
 from .config import AsymRnRConfig
@@ -71,7 +72,7 @@ class RatioSchedule:
             self.tables = {"q": tiers_to_ratios(cfg.tiers, cfg.q_tiers), "kv": tiers_to_ratios(cfg.tiers, cfg.kv_tiers)}
         for role, table in self.tables.items():
             if cfg.schedule == "table" and table is not None and len(table) != num_blocks:
-                raise ValueError(f"ditopt: asymrnr {role} table has {len(table)} rows but the model has "
+                raise OptionError(f"ditopt: asymrnr {role} table has {len(table)} rows but the model has "
                                  f"{num_blocks} transformer blocks; give one row per block")
 
     @property
