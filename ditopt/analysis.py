@@ -216,16 +216,33 @@ def _output_examples(graph: fx.Graph) -> list[torch.Tensor]:
 
 
 def find_timestep(graph: fx.Graph) -> fx.Node | None:
-    """The timestep input: a data input of rank <= 2 that feeds a sinusoidal embedding (found among the
-    values of rank <= 3, where an embedding of one number per sample, or per token, lives)."""
-    embedding = {n for n in graph.nodes if (v := example(n)) is not None and v.dim() <= 3}
-    # per sample [B] (or a scalar) first; then per token [B, N] (Wan 2.2 TI2V's expand_timesteps)
-    candidates = sorted((n for n in _data_placeholders(graph) if example(n).dim() <= 2), key=lambda n: example(n).dim())
-    sinusoidal = [n for n in candidates if first_reached(n, users, SIN_COS, within=embedding) is not None]
-    named = [n for n in sinusoidal if "timestep" in n.name or n.name in ("l_t_", "l_kwargs_t_")]
-    if named or sinusoidal:
-        return (named or sinusoidal)[0]
+    """The timestep input: a data input that feeds a sinusoidal embedding.  Per sample [B] (or a scalar):
+    found among the values of rank <= 2, where an embedding of one number per sample lives.  Per token
+    [B, N] (Wan 2.2 TI2V's expand_timesteps), tried only when no such input exists: it must reach the
+    sin/cos through elementwise and shape ops alone (t[..., None] * freqs), which a modulation or other
+    embedding an earlier graph handed over does not."""
+    small = {n for n in graph.nodes if (v := example(n)) is not None and v.dim() <= 2}
+    placeholders = _data_placeholders(graph)
+    per_sample = [n for n in placeholders if example(n).dim() <= 1
+                  and first_reached(n, users, SIN_COS, within=small) is not None]
+    elementwise = {n for n in graph.nodes if n.op == "placeholder" or is_call(n, _ELEMENTWISE)}
+    batches = {int(example(n).shape[0]) for n in placeholders if example(n).dim() >= 3}
+    per_token = [n for n in placeholders if example(n).dim() == 2 and not _module_state(n)
+                 and int(example(n).shape[0]) in batches
+                 and first_reached(n, users, SIN_COS, within=elementwise) is not None]
+    for found in (per_sample, per_token):
+        named = [n for n in found if "timestep" in n.name or n.name in ("l_t_", "l_kwargs_t_")]
+        if named or found:
+            return (named or found)[0]
     return None
+
+
+def _module_state(node: fx.Node) -> bool:
+    """A placeholder Dynamo made for a module attribute (a cached RoPE table), not for an argument of the call."""
+    return node.name.startswith("l_self_") or "_self_" in node.name
+
+
+_ELEMENTWISE = PASSTHROUGH | MUL_TARGETS | DIV_TARGETS | SIN_COS | {"expand", "float", "to", "type_as", torch.outer}
 
 
 def _find_text(graph: fx.Graph, latent: fx.Node) -> fx.Node | None:

@@ -59,6 +59,11 @@ if triton is not None:
             tl.store(out_ptr + ((pid_bh * K + offs_k[:, None]) * D + offs_d[None, :]), vals, mask=mask)
 
 
+def launch_config(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_D) the launcher uses: 32 rows of up to 128 features per program (D in chunks)."""
+    return 32, min(128, max(16, 1 << max(0, (int(head_dim) - 1).bit_length())))
+
+
 def gather_tokens_triton(x: Tensor, index: Tensor, launch=None) -> Tensor:
     """The Triton gather; same contract as `gather_tokens_reference` (output contiguous)."""
     if triton is None:
@@ -68,13 +73,13 @@ def gather_tokens_triton(x: Tensor, index: Tensor, launch=None) -> Tensor:
     out = torch.empty(B, H, K, D, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_d = min(128, max(16, triton.next_power_of_2(D)))
-    grid = (triton.cdiv(K, 32), B * H)
+    block_k, block_d = launch_config(D)
+    grid = (triton.cdiv(K, block_k), B * H)
     kernel = _gather_tokens_kernel if launch is None else launch(_gather_tokens_kernel)
     kernel[grid](
         x, index, out, H, K, D,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         index.stride(0), index.stride(1), index.stride(2),
-        32, block_d,
+        block_k, block_d,
     )
     return out

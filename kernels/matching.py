@@ -124,6 +124,23 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def launch_config(dtype: torch.dtype, head_dim: int, interpreted: bool = False) -> tuple[int, int, int, bool]:
+    """(BLOCK_SRC, BLOCK_DST, BLOCK_DIM, DOT_16BIT) the launcher uses for x of `dtype` with `head_dim`.
+
+    Chosen so that no configuration spills registers on sm_80, sm_90 or sm_100 (ptxas' figures, compiled
+    ahead of time: `python -m ditopt.kernels.aot`, docs/gpu.md): 16-bit inputs take tensor-core dots with
+    64 x 64 tiles (32 x 64 past a head dim of 128); fp32 keeps its tiles in registers at 32 x 32, and
+    16 x 16 past a head dim of 128 (64 x 64 spilt 172 bytes at head dim 64 and 14 KB at 128 on sm_90)."""
+    block_dim = max(16, _next_power_of_2(head_dim))
+    if dtype in (torch.float16, torch.bfloat16):
+        return (64 if block_dim <= 128 else 32), 64, block_dim, not interpreted
+    return (32, 32, block_dim, False) if block_dim <= 128 else (16, 16, block_dim, False)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 def nearest_destination_triton(x: Tensor, src: Tensor, dst: Tensor, metric: str = "euclidean",
                                launch=None) -> tuple[Tensor, Tensor]:
     """The Triton kernel; same contract as `nearest_destination_reference`.
@@ -141,9 +158,7 @@ def nearest_destination_triton(x: Tensor, src: Tensor, dst: Tensor, metric: str 
     distance = torch.empty(B, H, n_src, dtype=torch.float32, device=x.device)
     if n_src == 0 or n_dst == 0:
         return nearest.zero_(), distance.fill_(float("inf"))
-    block_dim = max(16, triton.next_power_of_2(D))
-    dot_16bit = x.dtype in (torch.float16, torch.bfloat16) and not _interpreted()
-    block_src = 64 if block_dim <= 128 else 32
+    block_src, block_dst, block_dim, dot_16bit = launch_config(x.dtype, D, _interpreted())
     grid = (triton.cdiv(n_src, block_src), B * H)
     kernel = _nearest_destination_kernel if launch is None else launch(_nearest_destination_kernel)
     kernel[grid](
@@ -151,7 +166,7 @@ def nearest_destination_triton(x: Tensor, src: Tensor, dst: Tensor, metric: str 
         H, n_src, n_dst, D,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         METRICS.index(metric), dot_16bit,
-        block_src, 64, block_dim,
+        block_src, block_dst, block_dim,
     )
     return nearest, distance
 
