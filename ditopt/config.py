@@ -41,7 +41,7 @@ PRESET_OPTIONS: dict[str, dict] = {
                                        math.inf: 1}, "forecast": 1}},
 }
 PRESETS = tuple(PRESET_OPTIONS)
-CORE_OPTIONS = ("config", "preset", "lowering", "mode", "fuse_regions", "export_dir")
+CORE_OPTIONS = ("config", "preset", "lowering", "mode", "fuse_regions", "export_dir", "max_cache_mb")
 
 
 def methods() -> tuple[Method, ...]:
@@ -68,6 +68,9 @@ class Config:
     # around it: depth-independent compile time), "all" (as far as the hooks allow) or "none"
     fuse_regions: str = "block"
     export_dir: Path | None = None
+    # the most the methods' caches of one compiled graph may hold, all streams together (None: no bound); over
+    # it, the method holding most gives something up, in a stated way (Hook.shed), and says so once
+    max_cache_mb: float | None = None
 
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("methods")
@@ -104,6 +107,10 @@ class Config:
         check_choice("preset", self.preset, PRESETS)
         check_choice("lowering", self.lowering, LOWERINGS)
         check_choice("fuse_regions", self.fuse_regions, FUSE_MODES)
+        if self.max_cache_mb is not None and (isinstance(self.max_cache_mb, bool)
+                                              or not isinstance(self.max_cache_mb, (int, float))
+                                              or self.max_cache_mb < 0):
+            raise ValueError(f"ditopt: max_cache_mb must be a number of MiB >= 0 (or None), got {self.max_cache_mb!r}")
         for method, cfg in self.enabled():
             cfg.validate()
             clash = [c for c in method.conflicts if self.methods[c].enabled]
@@ -114,7 +121,7 @@ class Config:
 
     def to_dict(self) -> dict:
         out = {"preset": self.preset, "lowering": self.lowering, "mode": self.mode, "fuse_regions": self.fuse_regions,
-               "export_dir": str(self.export_dir) if self.export_dir else None}
+               "export_dir": str(self.export_dir) if self.export_dir else None, "max_cache_mb": self.max_cache_mb}
         for name, cfg in self.methods.items():
             out[name] = _json_keys(dataclasses.asdict(cfg))
         return out
@@ -164,4 +171,6 @@ def _from_mapping(options: Mapping[str, Any]) -> Config:
         cfg.fuse_regions = options["fuse_regions"]
     if options.get("export_dir") is not None:
         cfg.export_dir = Path(options["export_dir"])
+    if "max_cache_mb" in options:
+        cfg.max_cache_mb = options["max_cache_mb"]
     return cfg

@@ -124,6 +124,37 @@ class Hook:
     def stats(self, state: Any) -> dict:
         return {}
 
+    def cache_bytes(self, state: Any) -> int:
+        """Bytes of the tensors this hook holds for one stream's generation (counted in stats, bounded by
+        the `max_cache_mb` option)."""
+        return 0
+
+    def shed(self, states: list) -> str | None:
+        """Hold less from now on, and drop what that frees from `states` (every stream's state of this hook):
+        a lower forecast order, fewer cached spans or sites.  Returns what was given up, in words, or None when
+        there is nothing left to give up.  What is dropped is recomputed, never guessed."""
+        return None
+
+
+def tensor_bytes(*values) -> int:
+    """Bytes of the distinct tensors among `values` (nested lists, tuples and dicts are walked)."""
+    import torch
+
+    seen, total, stack = set(), 0, list(values)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            if id(v) not in seen:
+                seen.add(id(v))
+                total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            stack.extend(getattr(v, f.name) for f in dataclasses.fields(v))
+    return total
+
 
 def _keep(settings: dict, base: Any) -> dict:
     return settings

@@ -47,6 +47,7 @@ class GenerationStats:
     steps: int = 0
     blocks_computed: int = 0
     blocks_skipped: int = 0
+    peak_cache_bytes: int = 0  # the most this stream's method caches held after a call of this generation
     methods: dict[str, dict] = field(default_factory=dict)  # the method sections, once the generation ended
     order: int = field(default_factory=lambda: next(_GENERATION_IDS))  # when it started, across all graphs
     # While the generation runs, its method sections are read from the hooks' states when asked for (not
@@ -61,7 +62,9 @@ class GenerationStats:
         sections = self.live() if self.live is not None else self.methods
         return {
             "stream": self.stream, "name": self.name, "generation": self.generation, "steps": self.steps,
-            "blocks_computed": self.blocks_computed, "blocks_skipped": self.blocks_skipped, **sections,
+            "blocks_computed": self.blocks_computed, "blocks_skipped": self.blocks_skipped,
+            "cache_mb": round(sum(s.get("cache_bytes", 0) for s in sections.values()) / 2**20, 3),
+            "peak_cache_mb": round(self.peak_cache_bytes / 2**20, 3), **sections,
         }
 
 
@@ -249,6 +252,7 @@ class Runtime:
         self.calls = 0
         self.region_calls = 0  # compiled region code run (hooks' reuse of cached outputs not counted)
         self._running: Region | None = None  # the region being run (a failure's warning names it)
+        self.shed: list[str] = []  # what the methods gave up to keep max_cache_mb, in order
 
     def _hook_made_inputs(self, region: Region) -> list[int]:
         return [i for i, s in enumerate(region.input_slots) if s in self._hook_made]
@@ -377,8 +381,36 @@ class Runtime:
             hook.end_call(call)
             call.state(hook)  # every hook has a state, so a section, from the first call on
         if stream.stats.live is None:
-            stream.stats.live = lambda: {h.name: h.stats(stream.state[h.name]) for h in self.hooks}
+            stream.stats.live = lambda: {h.name: {**h.stats(stream.state[h.name]),
+                                                  "cache_bytes": h.cache_bytes(stream.state[h.name])}
+                                         for h in self.hooks}
+        held = sum(h.cache_bytes(stream.state[h.name]) for h in self.hooks)
+        stream.stats.peak_cache_bytes = max(stream.stats.peak_cache_bytes, held)
+        if self.config.max_cache_mb is not None:
+            self._keep_to_budget()
         return fill_template(self.template, values)
+
+    def _keep_to_budget(self) -> None:
+        """While the caches of every model and stream of this graph hold more than `max_cache_mb`, the method
+        holding most gives something up (Hook.shed), and the warning says what, once."""
+        budget = self.config.max_cache_mb * 2**20
+        while True:
+            states = {h.name: [s.state[h.name] for m in self.models.values() for s in m.clock.streams.values()
+                               if h.name in s.state] for h in self.hooks}
+            held = {h: sum(h.cache_bytes(st) for st in states[h.name]) for h in self.hooks}
+            total = sum(held.values())
+            if total <= budget:
+                return
+            said = next((w for h in sorted(self.hooks, key=lambda h: -held[h]) if held[h]
+                         for w in [h.shed(states[h.name])] if w), None)
+            message = (f"ditopt: the method caches of this graph hold {total / 2**20:.3f} MiB, over max_cache_mb "
+                       f"{self.config.max_cache_mb}: ")
+            if said is None:
+                warn_once(message + "no method has anything left to give up; the budget is not kept")
+                return
+            if not self.shed:  # one warning; what follows is listed in ditopt.stats (graphs[i]["shed"])
+                warn_once(message + said + " (any further reduction is listed in ditopt.stats(model)'s \"shed\")")
+            self.shed.append(said)
 
     def _jumped(self, stream: StreamState, start: int, to: int) -> int:
         """Count the block ends a hook jumped over (start .. to-1) as skipped blocks."""
@@ -424,6 +456,8 @@ class Runtime:
             **({"context_parallel": {"ranks": self.group.size, "rank": self.group.rank,
                                      "decision_all_reduces": self.group.collectives}} if self.group else {}),
             "compile_seconds": round(self.variants.compile_seconds, 3),
+            **({"max_cache_mb": self.config.max_cache_mb, "shed": list(self.shed)}
+               if self.config.max_cache_mb is not None else {}),
             "generations": [g.to_dict() for g in self.generations(params)],
         }
 

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from ditopt.analysis import DiTStructure, example
-from ditopt.method import Hook, Tag, tag
+from ditopt.method import Hook, Tag, tag, tensor_bytes
 from ditopt.patterns import RESIDUAL_PATH, is_call, nodes_between
 
 LIB = "ditopt"
@@ -252,6 +252,7 @@ class SkipHook(Hook):
         self._decide = {s.decide_at: s for s in spans}
         self._exit = {s.last: s for s in spans}
         self._probes = probes
+        self._cached: set[int] | None = None  # spans that keep a residual (None: all); fewer under a memory budget
 
     def cuts(self) -> set[int]:
         # Probes are region outputs no region frees: reading them once a fused run has computed is the same.
@@ -289,7 +290,9 @@ class SkipHook(Hook):
         for name, slot in self._probes.get(index, ()):
             st.probes[name] = call.values[slot]
         span = self._exit.get(index)
-        if span is not None and span.id in st.inputs:
+        if span is not None and span.id in st.inputs and self._cached is not None and span.id not in self._cached:
+            st.inputs.pop(span.id)  # shed under the memory budget: this span always computes
+        elif span is not None and span.id in st.inputs:
             residuals = [call.values[dst] - x for (_, dst), x in zip(span.streams, st.inputs.pop(span.id))]
             kept = st.computed.setdefault(span.id, [])
             kept.append((call.t, residuals))
@@ -311,5 +314,25 @@ class SkipHook(Hook):
         self.policy.end_call(call, st.policy, st.probes)
 
     def stats(self, state: SkipState) -> dict:
-        cache = sum(t.numel() * t.element_size() for points in state.computed.values() for _, ts in points for t in ts)
+        cache = tensor_bytes([ts for points in state.computed.values() for _, ts in points])
         return {**self.policy.stats(state.policy), "cache_mb": round(cache / 2**20, 3)}
+
+    def cache_bytes(self, state: SkipState) -> int:
+        return tensor_bytes([ts for points in state.computed.values() for _, ts in points], state.policy)
+
+    def shed(self, states: list[SkipState]) -> str | None:
+        """First a lower forecast order (fewer residuals per span), then fewer spans that keep one."""
+        if self.forecast > 0:
+            self.forecast -= 1
+            for st in states:
+                for points in st.computed.values():
+                    del points[:-(self.forecast + 1)]
+            return f"{self.name}: forecast order lowered to {self.forecast}"
+        cached = sorted(self._cached if self._cached is not None else (s.id for s in self.spans))
+        if not cached:
+            return None
+        self._cached = set(cached[:-1])
+        for st in states:
+            st.computed.pop(cached[-1], None)
+        return (f"{self.name}: {len(self._cached)} of {len(self.spans)} spans keep a residual to skip with "
+                "(the others always compute)")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ditopt.kernels.matching import matching_flops
-from ditopt.method import Hook
+from ditopt.method import Hook, tensor_bytes
 from ditopt.diagnostics import OptionError
 
 from . import plans as tm
@@ -158,6 +158,9 @@ class MatchPlanner(Hook):
 
     def stats(self, state: StreamMatches) -> dict:
         return dict(state.stats)
+
+    def cache_bytes(self, state: StreamMatches) -> int:
+        return tensor_bytes(state.matches)
 
     def run_region(self, call, region, inputs: list) -> list | None:
         if region.index not in self.sites:

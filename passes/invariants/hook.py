@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ditopt.method import Hook
+from ditopt.method import Hook, tensor_bytes
 
 from .rewrite import REGION
 
@@ -34,6 +34,7 @@ class InvariantsHook(Hook):
 
     def __init__(self, regions: set[int]):
         self.regions = regions
+        self.off = False  # shed under a memory budget: the invariant values are recomputed at every step
 
     def cuts(self) -> set[int]:
         return set()
@@ -45,7 +46,7 @@ class InvariantsHook(Hook):
         return StreamInvariants()
 
     def run_region(self, call, region, inputs: list) -> list | None:
-        if region.index not in self.regions:
+        if region.index not in self.regions or self.off:
             return None
         state = call.state(self)
         entry = state.entries.get(region.index)
@@ -60,6 +61,17 @@ class InvariantsHook(Hook):
 
     def stats(self, state: StreamInvariants) -> dict:
         return {"computed": state.computed, "reused": state.reused}
+
+    def cache_bytes(self, state: StreamInvariants) -> int:
+        return tensor_bytes([e.outputs for e in state.entries.values()])  # the inputs are the caller's
+
+    def shed(self, states: list[StreamInvariants]) -> str | None:
+        if self.off:
+            return None
+        self.off = True
+        for st in states:
+            st.entries.clear()
+        return "invariants: the step-invariant values are recomputed at every step instead of kept"
 
 
 def make_hook(cfg, lowered) -> InvariantsHook | str:

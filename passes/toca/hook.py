@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ditopt.method import Hook, Tag, tag_of
+from ditopt.method import Hook, Tag, tag_of, tensor_bytes
 from ditopt.patterns import walk
 
 from . import scores as ts
@@ -177,6 +177,7 @@ class TocaPlanner(Hook):
         self.video_spans = video_spans  # block -> (start, length) of the video tokens in joint sequences
         self._specialised: dict[tuple, Specialised] = {}
         self._cells: dict[tuple, torch.Tensor] = {}
+        self.uncached: set[int] = set()  # sites that keep no cache (always computed): shed under a memory budget
 
     # -- the schedule ---------------------------------------------------------
 
@@ -195,7 +196,7 @@ class TocaPlanner(Hook):
         """(mode, rows) of a site at the `step`-th step its block runs (steps a skip guard skipped do not count,
         so a refresh is never lost to a skip)."""
         if (step < self.cfg.first_fresh or step % self.interval(site.kind) == 0 or state.cache is None
-                or site.block in self.probed_blocks):
+                or site.block in self.probed_blocks or site.id in self.uncached):
             return FRESH, site.tokens
         k = quantised_rows(self.fraction(site, progress), site.tokens, self.cfg.levels, self.cfg.row_multiple)
         if k == 0:
@@ -215,6 +216,27 @@ class TocaPlanner(Hook):
 
     def stats(self, state: StreamToCa) -> dict:
         return {**state.stats, "rows_by_step": list(state.stats["rows_by_step"])}
+
+    def cache_bytes(self, state: StreamToCa) -> int:
+        return tensor_bytes([(s.cache, s.age) for s in state.sites.values()], state.scores)
+
+    def shed(self, states: list[StreamToCa]) -> str | None:
+        """One cached site fewer: the one holding most; it computes whole at every step from now on."""
+        held: dict[int, int] = {}
+        for st in states:
+            for sid, site in st.sites.items():
+                if sid not in self.uncached and site.cache is not None:
+                    held[sid] = held.get(sid, 0) + tensor_bytes(site.cache, site.age)
+        if not held:
+            return None
+        sid = max(held, key=held.get)
+        self.uncached.add(sid)
+        for st in states:
+            if sid in st.sites:
+                st.sites[sid] = SiteState()
+        total = sum(len(v) for v in self.sites.values())
+        return f"toca: {total - len(self.uncached)} of {total} sites keep a cache (site {sid} of block " \
+               f"{self.block_of_site[sid]} always computes)"
 
     def run_region(self, call, region, inputs: list) -> list | None:
         """Run block region `region` for this step, specialised for its sites' modes."""
@@ -248,7 +270,8 @@ class TocaPlanner(Hook):
         n = len(region.outputs)
         for (role, sid), value in zip(spec.outputs, outputs[n:]):
             if role == "cache":
-                self._store(st.sites[sid], modes[sid], value, extra.get(("rows", sid)))
+                if sid not in self.uncached:
+                    self._store(st.sites[sid], modes[sid], value, extra.get(("rows", sid)))
             else:
                 self._store_score(st, sid, value, extra.get(("rows", sid)), self.score_sites[region.index][sid])
         for site in self.sites[region.index]:
