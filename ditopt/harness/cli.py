@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 import warnings
 
 
@@ -141,6 +142,34 @@ def _gpu_check(args) -> int:
                           repeats=args.repeats)
 
 
+def _plan(args) -> int:
+    import json
+
+    from . import plan
+
+    names = list(plan.MODELS) if args.model == ["all"] else args.model
+    unknown = [n for n in names if n not in plan.MODELS]
+    if unknown:
+        raise ValueError(f"ditopt plan: unknown model(s) {unknown}; choose from {list(plan.MODELS)} or all")
+    decisions = dict(d.split("=", 1) for d in args.decisions or [])
+    sections, rows = [], []
+    for name in names:
+        print(f"ditopt plan: {name} ...", file=sys.stderr, flush=True)
+        result = plan.plan(name, presets=args.presets, decisions=decisions, max_cache_mb=args.max_cache_mb)
+        sections.append(plan.to_markdown(result))
+        print(sections[-1] + "\n", flush=True)
+        rows.append({"model": name, "note": result.note, "steps": result.steps, "flops_per_call": result.call.total,
+                     "attention_flops_per_call": result.call.attention, "weight_bytes": result.call.weight_bytes,
+                     "regions": result.regions, "compiled_variants": result.compiled_variants,
+                     "spans": result.spans, "presets": result.presets})
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plan.md").write_text("# ditopt plan\n\n" + "\n\n".join(sections) + "\n")
+        (out / "plan.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from ditopt import __version__
 
@@ -216,6 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                                                               "balanced, fast, asymrnr, toca)")
     g.add_argument("--repeats", type=int, default=10, help="timed repeats per kernel (median)")
     g.set_defaults(func=_gpu_check)
+    pl = sub.add_parser("plan", help="a scale model of real video DiTs on the meta device: FLOPs, cache memory, "
+                                     "fit and a roofline time on H100/H200 per preset (docs/gpu.md)")
+    pl.add_argument("--model", nargs="+", default=["wan2.1-1.3b-480p"],
+                    help="wan2.1-1.3b-480p, wan2.1-14b-720p, hunyuanvideo-720p, cogvideox-5b, flux.1-dev-1024, "
+                         "or all (default wan2.1-1.3b-480p)")
+    pl.add_argument("--presets", nargs="+", default=["lossless", "quality", "balanced", "fast"])
+    pl.add_argument("--decisions", nargs="+", metavar="PRESET=CCSS...",
+                    help="a preset's schedule (C computed, S skipped, one per step) instead of the fixture's")
+    pl.add_argument("--max-cache-mb", type=float, default=None, help="the cache budget (the max_cache_mb option)")
+    pl.add_argument("--out", default="out/plan", help="folder for plan.md and plan.json (default out/plan)")
+    pl.set_defaults(func=_plan)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
