@@ -45,16 +45,16 @@ def split_grid(grid: tuple[int, int, int], stride: tuple[int, int, int], seed: "
     F, H, W = grid
     sf, sh, sw = effective_stride(grid, stride)
     nf, nh, nw = F // sf, H // sh, W // sw
-    offset = torch.randint(0, sf * sh * sw, (nf, nh, nw), generator=gen)
+    # the draws come from a seeded CPU generator (the same split on every device); the rest is built on `device`
+    offset = torch.randint(0, sf * sh * sw, (nf, nh, nw), generator=gen).to(device)
     lead = [int(torch.randint(0, g % s, (1,), generator=gen)) if g % s else 0 for g, s in zip(grid, (sf, sh, sw))]
-    f = lead[0] + torch.arange(nf).view(-1, 1, 1) * sf + offset // (sh * sw)
-    h = lead[1] + torch.arange(nh).view(1, -1, 1) * sh + (offset // sw) % sh
-    w = lead[2] + torch.arange(nw).view(1, 1, -1) * sw + offset % sw
+    f = lead[0] + torch.arange(nf, device=device).view(-1, 1, 1) * sf + offset // (sh * sw)
+    h = lead[1] + torch.arange(nh, device=device).view(1, -1, 1) * sh + (offset // sw) % sh
+    w = lead[2] + torch.arange(nw, device=device).view(1, 1, -1) * sw + offset % sw
     dst = ((f * H + h) * W + w).flatten().sort().values
-    is_dst = torch.zeros(F * H * W, dtype=torch.bool)
-    is_dst[dst] = True
-    src = (~is_dst).nonzero().flatten()
-    return dst.to(device), src.to(device)
+    is_dst = torch.zeros(F * H * W, dtype=torch.int8, device=device).index_fill_(0, dst, 1)
+    src = torch.argsort(is_dst, stable=True)[: F * H * W - dst.numel()]  # the others, in order (no host sync)
+    return dst, src
 
 
 def reduced_length(num_tokens: int, num_dst: int, ratio: float) -> int:
