@@ -205,12 +205,35 @@ def check_model(report: Report, device: str, size: str, steps: int, configs: lis
     generate = bench.euler_loop(inputs, steps, "hidden_states", _call)
     with torch.no_grad():
         results = bench.measure(model, generate, configs, repeats=1, flops=True, lowering=lowering)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for r in results:
         row = {k: v for k, v in vars(r).items()}
+        row.update(roofline_columns(row, weight_bytes, steps, device))
         row["host_syncs_per_step"] = _syncs_per_step(model, r.config, generate, steps, lowering) \
             if device == "cuda" and r.config not in ("eager", "inductor") else None
         report.add("model", row)
     ditopt.reset(model)
+
+
+def roofline_columns(row: dict, weight_bytes: int, steps: int, device: str) -> dict:
+    """The scale model's prediction for this row (ditopt plan's roofline: GEMMs at max(FLOPs / peak, weights /
+    bandwidth) per call, attention at FLOPs / peak), beside the measured seconds: the first GPU run tests it."""
+    import torch
+
+    from .plan import GPUS, roofline_seconds
+
+    if not row.get("gflops_per_generation"):
+        return {}
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
+    gpus = [g for g in GPUS if g in name] or list(GPUS)
+    flops, attention = row["gflops_per_generation"] * 1e9, (row.get("attention_gflops") or 0) * 1e9
+    out = {}
+    for gpu in gpus:
+        predicted = roofline_seconds(int(flops), int(attention), weight_bytes, steps, gpu)["total_s"]
+        out[f"roofline_s_{gpu}"] = predicted
+        if device == "cuda" and row.get("seconds_per_generation"):
+            out[f"measured_over_roofline_{gpu}"] = round(row["seconds_per_generation"] / max(predicted, 1e-9), 2)
+    return out
 
 
 def _call(fn, inputs):
