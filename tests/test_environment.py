@@ -85,6 +85,7 @@ COMMANDS = {
         ["--steps", "4", "--repeats", "1", "--out", "{tmp}/bench_toca"],
     "torchrun --nproc-per-node 2 examples/context_parallel.py": None,  # tests/test_context_parallel.py runs it
     "python -m ditopt gpu-check --device cpu --size tiny": ["--out", "{tmp}/gpu"],
+    "python -m ditopt plan --model wan2.1-1.3b-480p": ["--presets", "lossless", "fast", "--out", "{tmp}/plan"],
 }
 
 
