@@ -86,6 +86,7 @@ COMMANDS = {
     "torchrun --nproc-per-node 2 examples/context_parallel.py": None,  # tests/test_context_parallel.py runs it
     "python -m ditopt gpu-check --device cpu --size tiny": ["--out", "{tmp}/gpu"],
     "python -m ditopt plan --model wan2.1-1.3b-480p": ["--presets", "lossless", "fast", "--out", "{tmp}/plan"],
+    "python -m ditopt.kernels.aot": ["--arch", "90"],
 }
 
 
