@@ -51,6 +51,8 @@ class Span:
     blocks: list[int]
     streams: list[tuple[fx.Node, fx.Node]]
     decide_after: fx.Node | None = None  # a probe inside the span that the decision waits for
+    # outputs that are not residual updates (Wan VACE's conditioning states): replayed from the last computed step
+    side: list[fx.Node] = field(default_factory=list)
 
 
 def _runs_of_adjacent_blocks(gm: fx.GraphModule, structure: DiTStructure) -> list[list[int]]:
@@ -98,11 +100,17 @@ def insert_guards(gm: fx.GraphModule, structure: DiTStructure, method: str) -> t
         nodes = nodes_between(gm.graph, structure.blocks[blocks[0]].first_node, structure.blocks[blocks[-1]].last_node)
         inside = set(nodes)
         outputs, streams = residual_streams(nodes)
-        if len(streams) != len(outputs) or not streams:
-            bad = [o.name for o in outputs if o not in {out for _, out in streams}]
-            rejected.append({"blocks": blocks, "reason": f"outputs {bad} are not residual updates of the span's inputs"})
+        side = [o for o in outputs if o not in {out for _, out in streams}]
+        if not streams:
+            rejected.append({"blocks": blocks, "reason": f"no output is a residual update of the span's inputs "
+                                                         f"(outputs {[o.name for o in outputs]})"})
             continue
-        span = Span(len(spans), blocks, streams)
+        odd = [o.name for o in side if example(o) is None or not example(o).is_floating_point()]
+        if odd:
+            rejected.append({"blocks": blocks, "reason": f"outputs {odd} are neither residual updates of the span's "
+                                                         "inputs nor tensors a skipped step can replay"})
+            continue
+        span = Span(len(spans), blocks, streams, side=side)
         for src, _ in streams:
             with gm.graph.inserting_before(nodes[0]):
                 guard = gm.graph.call_function(torch.ops.ditopt.skip_guard.default, (src, span.id))
@@ -121,7 +129,8 @@ def mark_probe(node: fx.Node, method: str, name: str, decide_here: bool = False)
 
 
 def spans_report(spans: list[Span], rejected: list[dict]) -> dict:
-    return {"spans": [{"id": s.id, "blocks": s.blocks, "streams": len(s.streams)} for s in spans],
+    return {"spans": [{"id": s.id, "blocks": s.blocks, "streams": len(s.streams),
+                       **({"replayed_side_outputs": [n.name for n in s.side]} if s.side else {})} for s in spans],
             "guards": sum(len(s.streams) for s in spans), "rejected": rejected}
 
 
@@ -197,6 +206,7 @@ class SpanPlan:
     streams: list[tuple[int, int]]  # (input slot, output slot)
     free_after: list[int]  # slots read last inside the span, to free when it is skipped
     decide_at: int  # the region before which the decision is taken (the first, or the one after a probe)
+    side_slots: list[int] = field(default_factory=list)  # side outputs, replayed when the span is skipped
 
 
 @dataclass
@@ -206,6 +216,7 @@ class SkipState:
     computed: dict[int, list[tuple[float | None, list[Tensor]]]] = field(default_factory=dict)
     inputs: dict[int, list[Tensor]] = field(default_factory=dict)  # span -> this call's inputs
     probes: dict[str, Tensor] = field(default_factory=dict)
+    side: dict[int, list[Tensor]] = field(default_factory=dict)  # span -> its side outputs at its last computed step
 
 
 def plan_spans(lowered, spans: list[Span]) -> list[SpanPlan]:
@@ -216,11 +227,12 @@ def plan_spans(lowered, spans: list[Span]) -> list[SpanPlan]:
         if not members:
             continue
         streams = [(lowered.slot[i], lowered.slot[o]) for i, o in span.streams]
-        free = sorted({s for r in members for s in r.free_after} - {dst for _, dst in streams})
+        side = [lowered.slot[n] for n in span.side]
+        free = sorted({s for r in members for s in r.free_after} - {dst for _, dst in streams} - set(side))
         decide_at = members[0].index
         if span.decide_after is not None:
             decide_at = next((r.index + 1 for r in members if span.decide_after in r.outputs), decide_at)
-        plans.append(SpanPlan(span.id, members[0].index, members[-1].index, streams, free, decide_at))
+        plans.append(SpanPlan(span.id, members[0].index, members[-1].index, streams, free, decide_at, side))
     return plans
 
 
@@ -278,10 +290,12 @@ class SkipHook(Hook):
         if span is None or span.id not in st.inputs:
             return None
         wants = self.policy.should_skip(call, st.policy, span, st.probes)  # the policy sees every step
-        if not wants or span.id not in st.computed:
+        if not wants or span.id not in st.computed or (span.side_slots and span.id not in st.side):
             return None
         for (_, dst), x, residual in zip(span.streams, st.inputs.pop(span.id), self._residuals(st, span.id, call.t)):
             call.values[dst] = x + residual
+        for slot, value in zip(span.side_slots, st.side.get(span.id, ())):
+            call.values[slot] = value
         call.free(span.free_after)
         return span.last + 1
 
@@ -297,6 +311,8 @@ class SkipHook(Hook):
             kept = st.computed.setdefault(span.id, [])
             kept.append((call.t, residuals))
             del kept[:-(self.forecast + 1)]
+            if span.side_slots:
+                st.side[span.id] = [call.values[slot] for slot in span.side_slots]
         return None
 
     def _residuals(self, st: SkipState, span: int, t: float | None) -> list[Tensor]:
@@ -318,7 +334,7 @@ class SkipHook(Hook):
         return {**self.policy.stats(state.policy), "cache_mb": round(cache / 2**20, 3)}
 
     def cache_bytes(self, state: SkipState) -> int:
-        return tensor_bytes([ts for points in state.computed.values() for _, ts in points], state.policy)
+        return tensor_bytes([ts for points in state.computed.values() for _, ts in points], state.side, state.policy)
 
     def shed(self, states: list[SkipState]) -> str | None:
         """First a lower forecast order (fewer residuals per span), then fewer spans that keep one."""
@@ -334,5 +350,6 @@ class SkipHook(Hook):
         self._cached = set(cached[:-1])
         for st in states:
             st.computed.pop(cached[-1], None)
+            st.side.pop(cached[-1], None)
         return (f"{self.name}: {len(self._cached)} of {len(self.spans)} spans keep a residual to skip with "
                 "(the others always compute)")

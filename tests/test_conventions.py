@@ -267,3 +267,39 @@ def test_a_graph_break_before_the_blocks_is_named_in_the_warning():
     ours = [str(w.message) for w in caught if "graph break at" in str(w.message)]
     assert ours and "transformer_hunyuan_video15.py" in ours[0] and "if is_t2v" in ours[0]
     assert "compute that value before calling the model" in ours[0]
+
+
+def test_blocks_with_side_outputs_replay_them_when_skipped():
+    """Wan VACE's control blocks hand on conditioning states beside their residual stream: a skipped span
+    replays them from its last computed step."""
+    from diffusers import WanVACETransformer3DModel
+
+    from ditopt.runtime import runtimes_of
+
+    torch.manual_seed(0)
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, vace_layers=[0, 2], vace_in_channels=8).eval()
+    x, control, ctx = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 8, 2, 8, 8), torch.randn(1, 5, 16)
+
+    def loop(fn):
+        with torch.no_grad():
+            return [fn(hidden_states=x, timestep=t.reshape(1), encoder_hidden_states=ctx, control_hidden_states=control,
+                       return_dict=False)[0] for t in torch.linspace(999, 0, STEPS)]
+
+    expected = loop(model)
+    for a, b in zip(loop(compile_ditopt(model)), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+    def flops(options):
+        torch._dynamo.reset()
+        ditopt.reset(model)
+        with count_flops() as tally:
+            loop(compile_ditopt(model, **options))
+        return tally.flops
+
+    full, skipped = flops({}), flops(FORCED)
+    assert skipped < 0.8 * full
+    spans = runtimes_of(model)[-1].report["adacache"]["spans"]
+    assert any(s.get("replayed_side_outputs") for s in spans)
