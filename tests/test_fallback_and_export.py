@@ -51,12 +51,13 @@ def test_export_writes_each_stage_and_a_report(tmp_path):
     (graph_dir,) = list(tmp_path.iterdir())
     files = sorted(p.name for p in graph_dir.iterdir())
     assert files == ["00_dynamo.py", "01_remove_inference_noops.py", "02_normalize_attention.py",
-                     "03_packed_attention.py", "04_hoist_block_constants.py", "05_invariants.py", "06_lowered.py",
+                     "03_packed_attention.py", "04_flex_attention.py", "05_hoist_block_constants.py", "06_invariants.py",
+                     "07_lowered.py",
                      "report.json"]
     report = json.loads((graph_dir / "report.json").read_text())
     assert len(report["structure"]["blocks"]) == 2
     assert report["passes"]["remove_inference_noops"]["removed"]["dropout"] == 2 * 3  # attn1.to_out.1, attn2.to_out.1, ffn.net.1 in each Wan block
-    assert "same computation as region2_block0" in (graph_dir / "06_lowered.py").read_text()  # after the invariant region
+    assert "same computation as region2_block0" in (graph_dir / "07_lowered.py").read_text()  # after the invariant region
     assert "functional.dropout(" not in (graph_dir / "01_remove_inference_noops.py").read_text()
     assert "functional.dropout(" in (graph_dir / "00_dynamo.py").read_text()
 

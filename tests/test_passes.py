@@ -19,7 +19,7 @@ from conftest import capture_graphs
 
 def test_pipeline_is_declared_once_in_order():
     assert [name for name, _ in NORMALIZE] == ["remove_inference_noops", "normalize_attention", "packed_attention",
-                                               "hoist_block_constants"]
+                                               "flex_attention", "hoist_block_constants"]
     assert [m.name for m in METHODS] == ["invariants", "toca", "asymrnr", "adacache", "teacache"]
 
 
