@@ -65,3 +65,46 @@ def test_swapping_any_word_of_the_prompt_costs_loss():
     assert losses[0.5]["shape swapped"] > 1.05 * losses[0.5]["right prompt"], losses[0.5]
     # the direction decides where the trail goes while the shape is still hidden in noise
     assert losses[0.85]["direction swapped"] > 1.2 * losses[0.85]["right prompt"], losses[0.85]
+
+
+def test_the_deep_fixture_grows_from_the_shipped_one_without_changing_what_it_computes():
+    from diffusers import WanTransformer3DModel
+
+    from ditopt.harness.fixture import MODEL_CONFIG, load_fixture
+    from ditopt.harness.fixture.deep import DEEP_CONFIG, grow
+
+    small = load_fixture()
+    deep = WanTransformer3DModel(**DEEP_CONFIG).eval()
+    deep.load_state_dict(grow(small.state_dict()))
+    assert DEEP_CONFIG["num_layers"] >= 12 and DEEP_CONFIG["num_layers"] == 3 * MODEL_CONFIG["num_layers"]
+    x, t, text = torch.randn(2, 3, 4, 32, 32), torch.tensor([700.0, 300.0]), torch.randn(2, 4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t, text, return_dict=False)[0], small(x, t, text, return_dict=False)[0],
+                                   rtol=0, atol=1e-6)
+    tokens = 4 * (32 // 2) * (32 // 2)
+    assert tokens >= 1024
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_continues_where_it_stopped(tmp_path):
+    """A run stopped after step 1 and started again with the same command ends with the weights of a run
+    that never stopped: batches and noise are functions of the step, and the checkpoint holds the rest."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def train(out, *extra):
+        cmd = [sys.executable, "-m", "ditopt.harness.fixture.train", "--steps", "3", "--batch", "2", "--eval-every",
+               "1000", "--checkpoint-every", "1", "--out", str(out), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    train(tmp_path / "whole")
+    train(tmp_path / "parts", "--stop-at", "1")
+    assert "continuing stage 1 from step 1" in train(tmp_path / "parts")
+    whole, parts = load_file(str(tmp_path / "whole" / "weights.safetensors")), load_file(str(tmp_path / "parts" / "weights.safetensors"))
+    assert whole.keys() == parts.keys()
+    for k in whole:
+        torch.testing.assert_close(parts[k], whole[k], rtol=0, atol=0)
