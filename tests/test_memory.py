@@ -39,7 +39,8 @@ def test_every_method_cache_is_counted(options):
     assert g["cache_mb"] == pytest.approx(sum(g[m]["cache_bytes"] for m in methods) / 2**20, abs=1e-3)
 
 
-@pytest.mark.parametrize("options", [{"preset": "quality"}, {"preset": "lossless", "toca": {"interval": 3}}])
+@pytest.mark.parametrize("options", [{"preset": "quality"}, {"preset": "lossless", "toca": {"interval": 3}},
+                                     {"preset": "lossless", "asymrnr": True}])
 def test_a_budget_bounds_the_caches_with_one_warning(options):
     model, free, _ = run(options)
     unbounded = ditopt.stats(model)["generations"][-1]["peak_cache_mb"]

@@ -130,6 +130,7 @@ class MatchPlanner(Hook):
         self.schedule = RatioSchedule(cfg, num_blocks)
         self.last_generation_steps: int | None = None  # length of the last generation this graph ran
         self._steps = 0
+        self.keep_matches = True  # False under a memory budget: every step matches afresh and keeps nothing
 
     def cuts(self) -> set[int]:
         return set()
@@ -162,6 +163,14 @@ class MatchPlanner(Hook):
     def cache_bytes(self, state: StreamMatches) -> int:
         return tensor_bytes(state.matches)
 
+    def shed(self, states: list[StreamMatches]) -> str | None:
+        if not self.keep_matches:
+            return None
+        self.keep_matches = False
+        for st in states:
+            st.matches.clear()
+        return "asymrnr: the matches are computed afresh at every step instead of kept for match_every steps"
+
     def run_region(self, call, region, inputs: list) -> list | None:
         if region.index not in self.sites:
             return None
@@ -177,7 +186,9 @@ class MatchPlanner(Hook):
         key = (tuple(x.shape), x.dtype, x.device)
         match = state.matches.get(region_index)
         if match is None or match.shape_key != key or step - match.step >= every:
-            match = state.matches[region_index] = self._match(site, x, step, key, state.generator)
+            match = self._match(site, x, step, key, state.generator)
+            if self.keep_matches:
+                state.matches[region_index] = match
             B, H, _, D = x.shape
             stats["matchings"] += 1
             stats["matching_gflops"] += matching_flops(B, H, match.src.numel(), match.dst.numel(), D) / 1e9
