@@ -6,6 +6,7 @@ pattern, no cached value ever crosses from one generation, stream or model into 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -21,6 +22,21 @@ from convention_dit import ConventionDiT
 
 STEPS = 10
 FORCED = {"adacache": {"codebook": {1e9: 3}}}  # skip whatever the change: every skippable step skips
+
+
+@contextlib.contextmanager
+def attention_backend(model, name: str):
+    """diffusers' attention backend for `model` inside the block only: set_attention_backend also sets a
+    process-wide active backend, which reset_attention_backend leaves, so it is restored here."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    model.set_attention_backend(name)
+    try:
+        yield
+    finally:
+        model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(active)
 
 
 def latent(model: ConventionDiT, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -158,9 +174,8 @@ def test_flex_attention_becomes_sdpa_and_a_masked_one_is_named():
     from ditopt.harness import models
 
     case = models.build("wan")
-    case.model.set_attention_backend("flex")
     inputs = case.inputs()
-    with torch.no_grad(), warnings.catch_warnings():
+    with attention_backend(case.model, "flex"), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex's own "called without torch.compile" notice
         expected = models.call(case.model, inputs)
         got = models.call(compile_ditopt(case.model), inputs)
@@ -235,9 +250,8 @@ def test_every_diffusers_attention_backend_that_runs_on_the_cpu_is_accelerated(b
     from ditopt.harness import models
 
     case = models.build("wan")
-    case.model.set_attention_backend(backend)
     inputs = case.inputs()
-    with torch.no_grad(), warnings.catch_warnings():
+    with attention_backend(case.model, backend), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = models.call(case.model, inputs)
         got = models.call(compile_ditopt(case.model), inputs)
