@@ -70,6 +70,18 @@ def assert_accelerated_in_every_stream(pipe, starts: dict[str, int]) -> None:
             assert g["blocks_skipped"] > 0, f"{name}, stream {g['name']!r}: nothing skipped ({ditopt.explain(model)})"
 
 
+def assert_lossless_then_accelerated(pipe, settings: dict) -> None:
+    """`lossless` gives what the pipeline gives; the default preset then skips blocks in every stream."""
+    with torch.no_grad():
+        expected = generate(pipe, **settings)
+        ditopt.apply(pipe, preset="lossless", options=EAGER)
+        assert (generate(pipe, **settings) - expected).abs().max().item() <= 1e-5
+        starts = unwrap(pipe)
+        ditopt.apply(pipe, options=EAGER)
+        generate(pipe, **settings)
+    assert_accelerated_in_every_stream(pipe, starts)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_lossless_equals_the_pipeline_and_default_preset_skips_in_every_stream(case):
     build, settings, changed = CASES[case]
@@ -105,14 +117,7 @@ def test_wan_pipeline_with_a_lora_adapter_is_lossless_and_accelerated():
             lora[f"blocks.{i}.{proj}.lora_A.weight"] = torch.randn(4, module.in_features, generator=gen) * 0.1
             lora[f"blocks.{i}.{proj}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=gen) * 0.1
     pipe.transformer.load_lora_adapter(lora, adapter_name="test", prefix=None)
-    with torch.no_grad():
-        expected = generate(pipe, **settings)
-        ditopt.apply(pipe, preset="lossless", options=EAGER)
-        assert (generate(pipe, **settings) - expected).abs().max().item() <= 1e-5
-        starts = unwrap(pipe)
-        ditopt.apply(pipe, options=EAGER)
-        generate(pipe, **settings)
-    assert_accelerated_in_every_stream(pipe, starts)
+    assert_lossless_then_accelerated(pipe, settings)
 
 
 def test_wan_pipeline_with_torchao_int8_weights_is_lossless_and_accelerated():
@@ -120,14 +125,7 @@ def test_wan_pipeline_with_torchao_int8_weights_is_lossless_and_accelerated():
     build, settings, _ = CASES["wan"]
     pipe = build()
     quantization.quantize_(pipe.transformer, quantization.Int8WeightOnlyConfig())
-    with torch.no_grad():
-        expected = generate(pipe, **settings)
-        ditopt.apply(pipe, preset="lossless", options=EAGER)
-        assert (generate(pipe, **settings) - expected).abs().max().item() <= 1e-5
-        starts = unwrap(pipe)
-        ditopt.apply(pipe, options=EAGER)
-        generate(pipe, **settings)
-    assert_accelerated_in_every_stream(pipe, starts)
+    assert_lossless_then_accelerated(pipe, settings)
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ import ditopt.passes.pipeline as pipeline
 from ditopt import backend, lowering
 from ditopt.harness import models
 
+from conftest import capture_graphs
+
 STEPS = (900.0, 800.0, 700.0, 600.0)
 
 
@@ -94,17 +96,9 @@ def test_the_warning_names_the_node_a_pass_failed_on(monkeypatch):
 
 
 def _dynamo_graph(case):
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    (gm,) = capture_graphs(case.model, case.inputs())
     torch._dynamo.reset()
-    with torch.no_grad():
-        models.call(torch.compile(case.model, backend=capture), case.inputs())
-    torch._dynamo.reset()
-    return list(graphs[0].graph.nodes)
+    return list(gm.graph.nodes)
 
 
 def test_an_error_of_the_model_itself_still_reaches_the_caller():
