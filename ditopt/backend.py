@@ -18,9 +18,9 @@ import torch
 import torch.fx as fx
 
 from . import contexts
-from .analysis import UnsupportedGraph, find_timestep, module_path
+from .analysis import UnsupportedGraph, find_timestep
 from .config import Config
-from .diagnostics import OptionError, warn_once
+from .diagnostics import OptionError, failure_reason, warn_once
 from .export import Exporter
 from .lowering import compile_graph, lower
 from .parallel import rank_group
@@ -146,25 +146,6 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-
-
-def failure_reason(err: BaseException, stage: str) -> str:
-    """The exception, where in ditopt it was raised, and the graph node being handled, in one line."""
-    node = failing_node(err)
-    where = f" at node {node.name}" + (f" (in {module_path(node)})" if module_path(node) else "") if node else ""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__} in {stage}{where}: {text[:300]}"
-
-
-def failing_node(err: BaseException) -> fx.Node | None:
-    """The FX node the innermost frame of err's traceback was working on (a local holding a node), if any."""
-    tb, found = err.__traceback__, None
-    while tb is not None:
-        nodes = [v for v in tb.tb_frame.f_locals.values() if isinstance(v, fx.Node)]
-        if nodes:
-            found = nodes[0]
-        tb = tb.tb_next
-    return found
 
 
 def _timestep_slot(gm: fx.GraphModule) -> int | None:

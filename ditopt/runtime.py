@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import contexts
-from .diagnostics import warn_once
+from .diagnostics import failure_reason, warn_once
 from .lowering import Lowered, Region, VariantCache, fill_template, fuse_regions
 from .method import Hook
 
@@ -167,7 +167,12 @@ class ModelState:
     context: Any = None  # a contexts.CacheContextReader, or None
     owner: Any = None  # weak reference to the model's module where it is known (the forward-wide timestep store)
     calls: int = 0
-    explicit: bool = False  # inside ditopt.generation(model): calls are the steps of one generation
+
+    @property
+    def explicit(self) -> bool:
+        """Inside `ditopt.generation(model)`: calls are the steps of one generation."""
+        param = self.key() if self.key is not None else None
+        return param is not None and any(id(param) in ids for ids in _EXPLICIT.values())
 
 
 class Call:
@@ -286,8 +291,6 @@ class Runtime:
             return self.plain_fn(*args)
 
     def _give_up(self, err: Exception) -> None:
-        from .backend import failure_reason
-
         region = self._running.name if self._running is not None else None
         self.gave_up = failure_reason(err, f"the runtime ({'region ' + region if region else 'between regions'})")
         self.plain_fn = self._plain()
@@ -320,14 +323,10 @@ class Runtime:
         param = args[self.param_slot] if self.param_slot is not None else None
         model = self.models.get(id(param))
         if model is None or (model.key is not None and model.key() is not param):
-            owner = contexts.owner_of(param)
-            context = contexts.reader_for(owner) if owner is not None else self._compiled_context
+            owner = model_of(self, param)
+            context = contexts.reader_for(owner()) if owner is not None else self._compiled_context
             model = self.models[id(param)] = ModelState(weakref.ref(param) if param is not None else None,
-                                                        context=context,
-                                                        owner=weakref.ref(owner) if owner is not None else None,
-                                                        explicit=any(id(param) in ids for ids in _EXPLICIT.values()))
-            if param is not None:  # ditopt.stats(that model) finds this runtime
-                self.params[id(param)] = weakref.ref(param)
+                                                        context=context, owner=owner)
         return model
 
     @property
@@ -344,12 +343,13 @@ class Runtime:
         step_index = model.context.step_index if model.context is not None else None
         if name is None and model.calls == 1:
             model.context = None  # its first call ran outside a cache context: streams are counted, always
-        if t is None and step_index is None and not model.explicit and model.calls == 2:
+        explicit = model.explicit
+        if t is None and step_index is None and not explicit and model.calls == 2:
             warn_once("ditopt: this graph cannot tell the denoising steps of its calls apart (it takes no "
                       "timestep, and the caller gives no diffusers cache_context step_index): every call runs as "
                       "the first step of a generation, so nothing is skipped or reused; run the loop inside "
                       "`with ditopt.generation(model):` to count its calls as steps")
-        stream = model.clock.observe(t, name, step_index, model.explicit)
+        stream = model.clock.observe(t, name, step_index, explicit)
         call = Call(self, stream, list(args) + [None] * max(0, self.num_slots - len(args)))
         for hook in self.hooks:
             hook.begin_call(call)
@@ -465,9 +465,14 @@ class Runtime:
         for m in self.models_of(params):
             m.clock.reset()
 
-    def set_explicit(self, params: set[int] | None, on: bool) -> None:
-        for m in self.models_of(params):
-            m.explicit = on
+
+def model_of(holder: "Runtime | Fallback", param: torch.Tensor | None) -> "weakref.ref | None":
+    """A weak reference to the model `param` belongs to (None if unknown); the parameter is noted in
+    `holder.params`, so that ditopt.stats(that model) finds the holder.  Once per model, not per call."""
+    if param is not None:
+        holder.params[id(param)] = weakref.ref(param)
+    owner = contexts.owner_of(param)
+    return weakref.ref(owner) if owner is not None else None
 
 
 # The timestep a graph of a forward took, for the graphs after it that take none (a graph break put the
@@ -526,19 +531,13 @@ class Fallback:
     def _owner(self, args):
         param = args[self.param_slot] if self.param_slot is not None else None
         if id(param) not in self.owners:
-            owner = contexts.owner_of(param)
-            self.owners[id(param)] = weakref.ref(owner) if owner is not None else None
-            if param is not None:
-                self.params[id(param)] = weakref.ref(param)
+            self.owners[id(param)] = model_of(self, param)
         return self.owners[id(param)]
 
     def stats(self, params: set[int] | None = None) -> dict:
         return {"calls": self.calls, "fallback": self.reason, "compiled_variants": 0, "generations": []}
 
     def reset(self, params: set[int] | None = None) -> None:
-        pass
-
-    def set_explicit(self, params: set[int] | None, on: bool) -> None:
         pass
 
 
@@ -723,19 +722,13 @@ def generation(model: torch.nn.Module):
     """Run one generation explicitly: state is reset on entry and on exit, and every call inside is the next
     step of it (whatever the timesteps say)."""
     reset(model)
-    params = _param_ids(model)
-    for r in runtimes_of(model):
-        r.set_explicit(params, True)
-    _EXPLICIT[model] = params
+    _EXPLICIT[model] = _param_ids(model)
     try:
         yield
     finally:
         _EXPLICIT.pop(model, None)
-        for r in runtimes_of(model):
-            r.set_explicit(params, False)
         reset(model)
 
 
-# Models inside `generation()` whose graphs were not compiled yet when it began (their runtimes see it at
-# their first call).
+# Models inside `generation()`, with their parameters' ids (a model's state reads whether it is in one)
 _EXPLICIT: "weakref.WeakKeyDictionary[torch.nn.Module, set[int]]" = weakref.WeakKeyDictionary()

@@ -121,6 +121,3 @@ class ShapeDispatcher:
 
     def reset(self, params: set[int] | None = None) -> None:
         pass  # each specialisation is a runtime of its own, registered for the same model
-
-    def set_explicit(self, params: set[int] | None, on: bool) -> None:
-        pass
