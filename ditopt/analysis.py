@@ -203,16 +203,7 @@ def _find_latent(graph: fx.Graph) -> fx.Node:
 
 def _output_examples(graph: fx.Graph) -> list[torch.Tensor]:
     out = next((n for n in graph.nodes if n.op == "output"), None)
-    found = []
-    for a in fx.node.map_arg(out.args, lambda n: n) if out is not None else ():
-        stack = [a]
-        while stack:
-            x = stack.pop()
-            if isinstance(x, (list, tuple)):
-                stack.extend(x)
-            elif isinstance(x, fx.Node) and example(x) is not None:
-                found.append(example(x))
-    return found
+    return [v for n in (out.all_input_nodes if out is not None else []) if (v := example(n)) is not None]
 
 
 def find_timestep(graph: fx.Graph) -> fx.Node | None:
@@ -288,21 +279,13 @@ _SHAPE_OPS = PASSTHROUGH | {"pad", F.pad}
 def _linear_patchify(latent: fx.Node) -> tuple[tuple[int, int, int], str] | None:
     """(grid, description) where the latent reaches a Linear through shape ops only (patchify by reshape and
     permute, as Cosmos, Z-Image and much research code do; or a per-position Linear on a channels-last latent)."""
-    seen, frontier, views, linear = {latent}, [latent], [], None
-    while frontier and linear is None:
-        node = frontier.pop(0)
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if _matches(user, LINEAR_TARGETS) and user.args[0] is node:
-                linear = user
-                break
-            if _matches(user, _SHAPE_OPS) and shape(user) is not None:
-                views.append(tuple(int(d) for d in shape(user)))
-                frontier.append(user)
-    if linear is None:
+    graph = latent.graph
+    reshaped = {n for n in graph.nodes if _matches(n, _SHAPE_OPS) and shape(n) is not None}
+    linear = first_reached(latent, users, LINEAR_TARGETS,
+                           within=reshaped | {n for n in graph.nodes if _matches(n, LINEAR_TARGETS)})
+    if linear is None or linear.args[0] not in reshaped | {latent}:
         return None
+    views = [tuple(int(d) for d in shape(n)) for n in walk(latent, users, within=reshaped) if n is not latent]
     lat, out = tuple(int(d) for d in shape(latent)), shape(linear)
     in_features = int(shape(linear.args[0])[-1])
     tokens = 1

@@ -116,21 +116,12 @@ def to_markdown(rows: list[Compiled]) -> str:
     return "\n".join(lines)
 
 
-def compiles_for_gpus() -> bool:
-    """Whether triton was imported to compile (not in its interpreter: TRITON_INTERPRET=1 before its first
-    import turns its own language functions into interpreted ones, which no GPU target can compile)."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return not isinstance(tl.sum, InterpretedFunction)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
-    if not compiles_for_gpus():  # e.g. run from the tests, which interpret kernels on the CPU: a fresh process
+    if matching.triton_interprets():  # e.g. run from the tests, which interpret kernels on the CPU: a fresh process
         import sys
 
         return subprocess.run([sys.executable, "-m", "ditopt.kernels.aot", *sys.argv[1:]],

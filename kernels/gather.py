@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .matching import next_power_of_2
+
 
 def gather_tokens_reference(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
@@ -61,7 +63,7 @@ if triton is not None:
 
 def launch_config(head_dim: int) -> tuple[int, int]:
     """(BLOCK_K, BLOCK_D) the launcher uses: 32 rows of up to 128 features per program (D in chunks)."""
-    return 32, min(128, max(16, 1 << max(0, (int(head_dim) - 1).bit_length())))
+    return 32, min(128, max(16, next_power_of_2(head_dim)))
 
 
 def gather_tokens_triton(x: Tensor, index: Tensor, launch=None) -> Tensor:

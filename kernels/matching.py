@@ -120,6 +120,17 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def triton_interprets() -> bool:
+    """Whether triton was imported in interpreter mode (TRITON_INTERPRET=1 before its first import; torch
+    imports it), or is missing.  Setting the variable later does not switch triton's own language functions
+    over, so neither GPU compilation nor interpretation can change within a process."""
+    if triton is None:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.sum, InterpretedFunction)
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -131,13 +142,13 @@ def launch_config(dtype: torch.dtype, head_dim: int, interpreted: bool = False) 
     ahead of time: `python -m ditopt.kernels.aot`, docs/gpu.md): 16-bit inputs take tensor-core dots with
     64 x 64 tiles (32 x 64 past a head dim of 128); fp32 keeps its tiles in registers at 32 x 32, and
     16 x 16 past a head dim of 128 (64 x 64 spilt 172 bytes at head dim 64 and 14 KB at 128 on sm_90)."""
-    block_dim = max(16, _next_power_of_2(head_dim))
+    block_dim = max(16, next_power_of_2(head_dim))
     if dtype in (torch.float16, torch.bfloat16):
         return (64 if block_dim <= 128 else 32), 64, block_dim, not interpreted
     return (32, 32, block_dim, False) if block_dim <= 128 else (16, 16, block_dim, False)
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ditopt.analysis import example, module_path
+from ditopt.patterns import inputs, walk
 
 FLEX = getattr(torch.ops.higher_order, "flex_attention", None)
 
@@ -81,34 +82,20 @@ def _vmap_plumbing(node: fx.Node) -> bool:
 def _mask_construction(graph: fx.Graph, flex_nodes: list[fx.Node]) -> set[fx.Node] | None:
     """The nodes that only build these calls' block masks (create_block_mask traced through vmap, with its
     in-place writes and vmap levels), or None when any of them is used by something else."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    built: set[fx.Node] = set()
-    frontier = [a for f in flex_nodes for a in _nodes_in(f.args[4])]
-    while frontier:
-        n = frontier.pop()
-        if n in built or n.op in ("placeholder", "output"):
-            continue
-        built.add(n)
-        frontier.extend(n.all_input_nodes)
+    built = {n for f in flex_nodes for arg in _nodes_in(f.args[4]) for n in (arg, *walk(arg, inputs))
+             if n.op not in ("placeholder", "output")}
     if not built:
         return set()
+    order = {n: i for i, n in enumerate(graph.nodes)}
     lo, hi = min(order[n] for n in built), max(order[n] for n in built)
-    changed = True
-    while changed:  # what else the construction computes from its values, and its vmap levels, within its span
-        changed = False
-        for n in graph.nodes:
-            if n in built or n in flex_nodes or not lo <= order[n] <= hi:
-                continue
-            if _vmap_plumbing(n) or any(a in built for a in n.all_input_nodes):
-                built.add(n)
-                changed = True
+    # what else the construction computes from its values, and its vmap levels, within its span: one pass in
+    # graph order sees every input before its users
+    for n in list(graph.nodes)[lo:hi + 1]:
+        if n not in built and n not in flex_nodes and (_vmap_plumbing(n) or any(a in built for a in n.all_input_nodes)):
+            built.add(n)
     if any(u not in built and u not in flex_nodes for n in built for u in n.users):
         return None
     return built
-
-
-def order_of(graph: fx.Graph) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(graph.nodes)}
 
 
 def _nodes_in(value) -> list[fx.Node]:
@@ -120,13 +107,12 @@ def _nodes_in(value) -> list[fx.Node]:
 def run(gm: fx.GraphModule) -> dict:
     """Rewrite every flex attention that is SDPA exactly; report the others with why."""
     rewritten, declined = [], []
-    flex = [n for n in gm.graph.nodes if is_flex(n)]
-    exact = [n for n in flex if why_not_sdpa(gm, n) is None]
-    construction = _mask_construction(gm.graph, exact)
-    for node in flex:
+    reasons = {n: why_not_sdpa(gm, n) for n in gm.graph.nodes if is_flex(n)}
+    construction = _mask_construction(gm.graph, [n for n, why in reasons.items() if why is None])
+    for node, why in reasons.items():
         where = module_path(node) or node.name
-        why = why_not_sdpa(gm, node) or (None if construction is not None else
-                                         "its block mask's construction is used by other computation too")
+        why = why or (None if construction is not None else "its block mask's construction is used by other "
+                                                            "computation too")
         if why is not None:
             declined.append({"node": node.name, "module": where, "reason": why})
             node.meta["ditopt_declined"] = why  # the analysis's warning quotes it
@@ -142,7 +128,8 @@ def run(gm: fx.GraphModule) -> dict:
         gm.graph.erase_node(node)
         rewritten.append({"node": node.name, "module": where})
     if rewritten:  # the block mask's construction is dead now
-        for n in sorted(construction, key=lambda n: -order_of(gm.graph)[n]):
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for n in sorted(construction, key=lambda n: -order[n]):
             gm.graph.erase_node(n)
         gm.graph.eliminate_dead_code()
     gm.graph.lint()

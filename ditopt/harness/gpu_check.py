@@ -285,20 +285,11 @@ def to_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def triton_interprets() -> bool:
-    """Whether triton was imported in interpreter mode (TRITON_INTERPRET=1 before its first import), or is
-    missing; setting the variable later does not switch the language's own jitted functions over."""
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return True
-    return isinstance(tl.sum, InterpretedFunction)
-
-
 def main(out: str, device: str = "cuda", size: str = "realistic", steps: int | None = None,
          configs: list[str] | None = None, repeats: int = 10) -> int:
     """Run the three parts; returns 0 when every kernel check passed and no part failed."""
+    from ditopt.kernels.matching import triton_interprets
+
     if device == "cpu" and not triton_interprets():
         # triton fixes the interpreter choice for its own language functions when it is first imported
         # (torch imports it), so on the CPU the kernels can only run interpreted in a fresh process

@@ -279,24 +279,27 @@ def plan(name: str, presets=PRESETS, decisions: dict[str, str] | None = None,
         forecast = cfg.adacache.forecast if cfg.adacache.enabled else 0
         chosen = (decisions or {}).get(preset) or fixture_decisions(preset, spec.steps)
         flops, attention = preset_cost(call, spans, chosen)
-        held, shed = cache_bytes(lowered, spans, forecast, cfg.adacache.enabled), []
-        budget = None if max_cache_mb is None else max_cache_mb * 2**20
-        kept_spans = list(spans)
-        while budget is not None and sum(held.values()) > budget:  # what the runtime's shedding would do
-            if forecast > 0:
+        kept_spans, keep_invariants, shed = list(spans), True, []
+
+        def held_now() -> dict[str, int]:
+            held = cache_bytes(lowered, kept_spans, forecast, cfg.adacache.enabled)
+            return held if keep_invariants else {**held, "invariants": 0}
+
+        held = held_now()
+        # what the runtime's max_cache_mb does: the method holding most gives something up, until under it
+        while max_cache_mb is not None and sum(held.values()) > max_cache_mb * 2**20:
+            if held["adacache"] >= held["invariants"] and forecast > 0:
                 forecast -= 1
-                shed.append(f"adacache forecast order lowered to {forecast}")
-            elif kept_spans and cfg.adacache.enabled:
+                shed.append(f"adacache: forecast order lowered to {forecast}")
+            elif held["adacache"] >= held["invariants"] and kept_spans:
                 kept_spans = kept_spans[:-1]
                 shed.append(f"adacache: {len(kept_spans)} of {len(spans)} spans keep a residual")
-            elif held["invariants"]:
-                held["invariants"] = 0
-                shed.append("invariants recomputed at every step")
-                continue
+            elif keep_invariants and held["invariants"]:
+                keep_invariants = False
+                shed.append("invariants: recomputed at every step")
             else:
                 break
-            held = {**cache_bytes(lowered, kept_spans, forecast, cfg.adacache.enabled),
-                    **({"invariants": 0} if "invariants recomputed at every step" in shed else {})}
+            held = held_now()
         if kept_spans != spans:
             flops, attention = preset_cost(call, kept_spans, chosen)
         total_gb = (call.weight_bytes + sum(held.values()) + activations) / 1e9
