@@ -30,6 +30,10 @@ class UnsupportedGraph(Exception):
     """The graph has no DiT structure ditopt can act on; the message says why."""
 
 
+class OneBlockGraph(UnsupportedGraph):
+    """The graph is one transformer block compiled on its own (passes/block_chain.py chains such graphs)."""
+
+
 @dataclass
 class AttentionSite:
     name: str  # module path, e.g. "blocks.0.attn1"
@@ -190,15 +194,25 @@ def _data_placeholders(graph: fx.Graph) -> list[fx.Node]:
 
 
 def _find_latent(graph: fx.Graph) -> fx.Node:
-    """The latent input: a denoiser returns a tensor of its latent's shape, so the input whose shape an output
-    has; else a video or image input (rank >= 4) before a sequence (rank 3, as text is); else the largest."""
+    """The latent input: a denoiser returns a tensor of its latent's shape, so a video or image input (rank >= 4)
+    whose shape an output has; else one the graph patchifies (the part of a forward before a graph break hands
+    tokens on, and may hand its text on unchanged in shape); else an input whose shape an output has; else a
+    video or image input before a sequence (rank 3, as text is); else the largest."""
     candidates = [n for n in _data_placeholders(graph) if example(n).dim() >= 3 and example(n).is_floating_point()]
     if not candidates:
         raise UnsupportedGraph("no floating-point input of rank >= 3 (a latent video or image) was found")
     outputs = {tuple(v.shape) for v in _output_examples(graph)}
     echoed = [n for n in candidates if tuple(example(n).shape) in outputs]
     spatial = [n for n in candidates if example(n).dim() >= 4]
-    return max(echoed or spatial or candidates, key=lambda n: example(n).numel())
+    echoed_spatial = [n for n in echoed if n in spatial]
+    patchified = [n for n in spatial if _patchified(graph, n)] if not echoed_spatial else []
+    return max(echoed_spatial or patchified or echoed or spatial or candidates, key=lambda n: example(n).numel())
+
+
+def _patchified(graph: fx.Graph, latent: fx.Node) -> bool:
+    """Whether a convolution, or reshapes and permutes into a Linear, make tokens of `latent`."""
+    convs = [n for n in graph.nodes if _matches(n, CONV_TARGETS)]
+    return any(latent in set(walk(n, inputs)) for n in convs) or _linear_patchify(latent) is not None
 
 
 def _output_examples(graph: fx.Graph) -> list[torch.Tensor]:
@@ -380,10 +394,9 @@ def _find_blocks(graph: fx.Graph, layout: TokenLayout) -> list[tuple[str, str, l
              and not n.meta.get("ditopt_hoisted")]
     attention_blocks = {bp for n in _attention_nodes(nodes, _token_counts(layout)) if (bp := _block_path_of(n))}
     if not attention_blocks and _attention_nodes(nodes, _token_counts(layout)):
-        raise UnsupportedGraph(
+        raise OneBlockGraph(
             "the graph holds attention but no list of transformer blocks: it is one block compiled on its own "
-            "(diffusers' compile_repeated_blocks, regional compilation). ditopt needs the whole transformer in one "
-            "graph: call torch.compile(transformer, backend='ditopt') instead (identical blocks still compile once)")
+            "(diffusers' compile_repeated_blocks, regional compilation, or a graph break before the blocks)")
     if not attention_blocks:
         softmax = [n for n in nodes if n.target in ("softmax", torch.softmax, torch.nn.functional.softmax)]
         if softmax:

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from . import contexts
-from .analysis import UnsupportedGraph, find_timestep
+from .analysis import OneBlockGraph, UnsupportedGraph, find_timestep
 from .config import Config
 from .diagnostics import OptionError, failure_reason, warn_once
 from .export import Exporter
@@ -37,23 +37,25 @@ def ditopt_backend(gm: fx.GraphModule, example_inputs, options=None, mode: str |
     contexts.remember(module)
     context = contexts.reader_for(module)
     # the model this graph is part of: a block's forward compiled on its own belongs to its transformer
-    param = next((x for x in example_inputs if isinstance(x, torch.nn.Parameter)), None)
-    model = contexts.owner_of(param) or module
+    model = _model_of(example_inputs)
+    model = module if model is None else model
     earlier_break = _BREAKS.get(model) if model is not None else None
     reason = getattr(gm, "compile_subgraph_reason", None)
     if model is not None and reason is not None and getattr(reason, "graph_break", False):
         _BREAKS[model] = describe_break(reason)  # this graph ends at a break: say so for the graphs after it
-    return _compile(gm, example_inputs, options, mode, context, earlier_break)
+        gm.meta["ditopt_ends_at_break"] = True
+    return _compile(gm, example_inputs, options, mode, context, earlier_break, module)
 
 
-def _compile(gm: fx.GraphModule, example_inputs, options, mode, context, earlier_break: str | None = None):
+def _compile(gm: fx.GraphModule, example_inputs, options, mode, context, earlier_break: str | None = None,
+             module=None):
     config = Config.from_options(options, mode)  # a bad option is the caller's to fix: it raises
     group = rank_group(gm)  # context parallelism: the ranks that must take the same decisions
     if group is not None:
         group.agree("ditopt options", {k: v for k, v in config.to_dict().items() if k != "export_dir"})
     if is_dynamic(gm):  # symbolic sizes: one static specialisation per concrete shape, at call time
         dispatcher = ShapeDispatcher(gm, lambda concrete, inputs: _compile(concrete, inputs, options, mode, context,
-                                                                          earlier_break),
+                                                                          earlier_break, module),
                                      lambda: compile_graph(gm, list(example_inputs), config), warn_once)
         register(dispatcher, example_inputs)
         return dispatcher
@@ -61,7 +63,8 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context, earlier
     exporter = Exporter(config.export_dir)
     stage = ["the start"]
     try:
-        return _accelerate(gm, example_inputs, config, context, group, exporter, original, stage, earlier_break)
+        return _accelerate(gm, example_inputs, config, context, group, exporter, original, stage, earlier_break,
+                           module)
     except OptionError:
         raise  # an option that does not fit this model: the caller's to fix
     except Exception as err:  # noqa: BLE001 - the safety net: ditopt's failure must not reach the caller's loop
@@ -71,13 +74,16 @@ def _compile(gm: fx.GraphModule, example_inputs, options, mode, context, earlier
         return _fallback(original, example_inputs, config, reason)
 
 
-def _accelerate(gm, example_inputs, config, context, group, exporter, original, stage, earlier_break=None):
+def _accelerate(gm, example_inputs, config, context, group, exporter, original, stage, earlier_break=None,
+                module=None):
+    from ditopt.passes import block_chain
     from ditopt.passes.pipeline import run_pipeline
 
     def on_stage(name, graph_module):
         stage[0] = f"the stage after {name}"
         exporter.graph(name, graph_module)
 
+    ends_at_break = gm.meta.get("ditopt_ends_at_break", False)
     exporter.graph("dynamo", gm)
     exporter.write_report(config=config.to_dict())
     try:
@@ -85,6 +91,22 @@ def _accelerate(gm, example_inputs, config, context, group, exporter, original, 
         gm, structure, reports = run_pipeline(gm, config, on_stage=on_stage)
     except UnsupportedGraph as unsupported:
         why = str(unsupported)
+        if isinstance(unsupported, OneBlockGraph):
+            stage[0] = "the block chain"
+            chained = block_chain.build(original, config, module,
+                                        lambda: compile_graph(original, list(example_inputs), config))
+            if not isinstance(chained, str):
+                register(chained, example_inputs)
+                exporter.write_report(structure=None, chained_blocks={"streams": list(chained.streams.inputs),
+                                                                      "method": chained.methods})
+                return chained
+            why = f"{why}; {chained}"
+        elif ("holds no attention" in why and block_chain.chained(_model_of(example_inputs))) or (
+                ends_at_break and not isinstance(unsupported, OneBlockGraph)):
+            # A forward's head cut off at a break (its blocks come in later graphs, which warn if they cannot be
+            # accelerated), or a part without attention between blocks that run chained: nothing to warn of.
+            exporter.write_report(structure=None, fallback=why)
+            return _fallback(original, example_inputs, config, why)
         if earlier_break is not None and ("no list of transformer blocks" in why or "no complete transformer" in why
                                           or "holds no attention" in why):
             why = (f"a graph break at {earlier_break} cuts this model's forward before its blocks, so they reach "
@@ -124,6 +146,11 @@ def _accelerate(gm, example_inputs, config, context, group, exporter, original, 
 
 # module -> the graph break the latest graph of its forward ended at (graphs after a break say where it was)
 _BREAKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _model_of(example_inputs) -> torch.nn.Module | None:
+    param = next((x for x in example_inputs if isinstance(x, torch.nn.Parameter)), None)
+    return contexts.owner_of(param)
 
 
 def describe_break(reason) -> str:

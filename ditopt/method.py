@@ -172,6 +172,9 @@ class Method:
     normalize: Callable[[dict, Any], dict] = _keep
     conflicts: tuple[str, ...] = ()  # methods that cannot be enabled together with this one
     exact: bool = False  # the output stays what the model computes (a lossless method)
+    # For blocks compiled one graph each (passes/block_chain.py): cfg, probe name -> the skip policy, reading
+    # the probe under that name; None for a method that acts inside one graph only.
+    chain_policy: Callable[[Any, str], Any] | None = None
     version: int = 1
 
     def uuid(self, cfg: Any) -> tuple:

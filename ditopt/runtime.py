@@ -298,25 +298,7 @@ class Runtime:
                   "acceleration from now on")
 
     def _counted(self, *args):
-        if not _FLOP_TALLIES:
-            return self._forward(*args)
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter, collectives = FlopCounterMode(display=False), _CollectiveCounter()
-        group = self.group
-        before = (group.collectives, group.bytes) if group is not None else None
-        with counter, collectives:
-            out = self._forward(*args)
-        attention = attention_flops(counter)
-        if group is not None:  # ditopt's own all-reduces of decision sums
-            _add_collective(collectives.ops, "ditopt all_reduce (decision sums)", group.collectives - before[0],
-                            group.bytes - before[1])
-        for tally in _FLOP_TALLIES:
-            tally.flops += counter.get_total_flops()
-            tally.attention += attention
-            for op, (calls, size) in collectives.ops.items():
-                _add_collective(tally.collectives, op, calls, size)
-        return out
+        return counted(self._forward, args, self.group)
 
     def model_state(self, args) -> ModelState:
         """The state of the model making this call (found by the identity of a parameter it passes)."""
@@ -610,6 +592,28 @@ def attention_flops(counter) -> int:
 _FLOP_TALLIES: list[FlopTally] = []
 
 
+def counted(forward: Callable, args, group=None):
+    """forward(*args), its FLOPs and collectives added to every open `count_flops` tally."""
+    if not _FLOP_TALLIES:
+        return forward(*args)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter, collectives = FlopCounterMode(display=False), _CollectiveCounter()
+    before = (group.collectives, group.bytes) if group is not None else None
+    with counter, collectives:
+        out = forward(*args)
+    attention = attention_flops(counter)
+    if group is not None:  # ditopt's own all-reduces of decision sums
+        _add_collective(collectives.ops, "ditopt all_reduce (decision sums)", group.collectives - before[0],
+                        group.bytes - before[1])
+    for tally in _FLOP_TALLIES:
+        tally.flops += counter.get_total_flops()
+        tally.attention += attention
+        for op, (calls, size) in collectives.ops.items():
+            _add_collective(tally.collectives, op, calls, size)
+    return out
+
+
 @contextlib.contextmanager
 def count_flops():
     """Count the FLOPs of every ditopt runtime call inside the block: `with count_flops() as tally: ...`.
@@ -672,7 +676,8 @@ def stats(model: torch.nn.Module) -> dict:
     found = runtimes_of(model)
     params = _param_ids(model)
     graphs = [r.stats(params) for r in found]
-    generations = sorted((g for r in found if isinstance(r, Runtime) for g in r.generations(params)),
+    # graphs of one block list (blocks compiled one by one) share their generations: each is listed once
+    generations = sorted({id(g): g for r in found if hasattr(r, "generations") for g in r.generations(params)}.values(),
                          key=lambda g: g.order)
     return {
         "graphs": graphs,

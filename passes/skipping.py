@@ -182,6 +182,16 @@ def extrapolation_weights(ts: list[float], t: float) -> list[float] | None:
     return weights
 
 
+def forecast_residuals(points: list[tuple[float | None, list[Tensor]]], t: float | None) -> list[Tensor]:
+    """What a skipped span adds to its inputs, from its last computed steps [(t, residual per stream)], newest
+    last: the last residual, or (forecast) the polynomial through them, in the timestep, evaluated at t."""
+    ts = [tp for tp, _ in points]
+    weights = extrapolation_weights(ts, t) if len(points) > 1 and None not in (t, *ts) else None
+    if weights is None:
+        return points[-1][1]
+    return [sum(w * r[i] for w, (_, r) in zip(weights, points)) for i in range(len(points[-1][1]))]
+
+
 class Policy(Protocol):
     """Decides, for one stream, which spans to skip at this call."""
 
@@ -316,14 +326,7 @@ class SkipHook(Hook):
         return None
 
     def _residuals(self, st: SkipState, span: int, t: float | None) -> list[Tensor]:
-        """What a skipped span adds to its inputs: the last computed residual, or (forecast) the polynomial
-        through the last forecast + 1 computed ones, in the timestep, evaluated at this step's t."""
-        points = st.computed[span]
-        ts = [tp for tp, _ in points]
-        weights = extrapolation_weights(ts, t) if len(points) > 1 and None not in (t, *ts) else None
-        if weights is None:
-            return points[-1][1]
-        return [sum(w * r[i] for w, (_, r) in zip(weights, points)) for i in range(len(points[-1][1]))]
+        return forecast_residuals(st.computed[span], t)
 
     def end_call(self, call) -> None:
         st = call.state(self)

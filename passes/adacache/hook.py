@@ -19,12 +19,13 @@ measures what one batched call of both would.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from ditopt.diagnostics import OptionError
+from ditopt.diagnostics import OptionError, warn_once
 
 from ..skipping import SkipHook, guarded_spans, in_last_steps, plan_spans, probe_slots, ratio, relative_l1_sums
 from .config import AdaCacheConfig
@@ -237,3 +238,12 @@ def make_hook(cfg: AdaCacheConfig, lowered) -> SkipHook | str:
     names = sorted({name.split(":")[0] for at in probes.values() for name, _ in at})
     frame_tokens = grid[1] * grid[2] if grid else None
     return SkipHook(NAME, AdaCachePolicy(cfg, frames, names, frame_tokens), spans, probes, cfg.forecast)
+
+
+def chain_policy(cfg: AdaCacheConfig, probe: str) -> AdaCachePolicy:
+    """The policy for blocks compiled one by one (passes/block_chain.py), reading `probe`: without the motion
+    term, since a block's own graph does not show the latent's frames."""
+    if cfg.moreg:
+        warn_once("ditopt: adacache.moreg needs the latent's frames, which a block compiled on its own does not "
+                  "show: its blocks skip without the motion term")
+    return AdaCachePolicy(dataclasses.replace(cfg, moreg=False), None, [probe])

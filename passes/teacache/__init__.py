@@ -9,6 +9,7 @@ from .config import TeaCacheConfig
 from .hook import TeaCachePolicy, make_hook, rescale, teacache_decisions
 from . import rewrite
 
-METHOD = Method("teacache", TeaCacheConfig, rewrite.rewrite, make_hook, conflicts=("adacache",))
+METHOD = Method("teacache", TeaCacheConfig, rewrite.rewrite, make_hook, conflicts=("adacache",),
+                chain_policy=lambda cfg, probe: TeaCachePolicy(cfg, probe))
 
 __all__ = ["METHOD", "TeaCacheConfig", "TeaCachePolicy", "rescale", "teacache_decisions"]

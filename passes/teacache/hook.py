@@ -59,8 +59,12 @@ class _TeaState:
 
 
 class TeaCachePolicy:
-    def __init__(self, cfg: TeaCacheConfig):
+    """`probe`: the value whose change is measured (the first block's modulated input in one graph; the first
+    block's residual for blocks compiled one by one, passes/block_chain.py)."""
+
+    def __init__(self, cfg: TeaCacheConfig, probe: str = "modulated_input"):
         self.cfg = cfg
+        self.probe = probe
 
     def new_state(self) -> _TeaState:
         return _TeaState()
@@ -72,7 +76,7 @@ class TeaCachePolicy:
         if st.decided_step == call.step:  # later spans of the same step share the decision
             return st.skip
         st.decided_step = call.step
-        current = probes.get("modulated_input")
+        current = probes.get(self.probe)
         change = None
         if current is not None and st.previous is not None:
             change = float(ratio(call.all_sum(relative_l1_sums(current, st.previous))))  # this step's host read
