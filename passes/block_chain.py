@@ -394,21 +394,23 @@ class BlockGraph:
             c.forward = None
 
 
-# (model, list name) -> its chain: every graph of the list's blocks (a first block may compile on its own)
-_CHAINS: "weakref.WeakKeyDictionary[nn.Module, dict[str, Chain]]" = weakref.WeakKeyDictionary()
+# model -> (list name, method identity) -> its chain: shared by every graph of the list's blocks (a first block
+# may compile on its own)
+_CHAINS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Chain]]" = weakref.WeakKeyDictionary()
 
 
 def chain_for(param: Tensor | None, module: nn.Module | None, method: str, make_policy: Callable[[], Any],
-              forecast: int) -> Chain | None:
-    """The chain of the block list holding `param` (made on first use), or None if it is in no list."""
+              forecast: int, identity: Any = None) -> Chain | None:
+    """The chain of the block list holding `param` for the method with this identity (its config: a recompile
+    with other options makes a new chain), made on first use; None if `param` is in no block list."""
     found = block_list_of(param, module)
     if found is None:
         return None
     model, name, blocks = found
     chains = _CHAINS.setdefault(model, {})
-    chain = chains.get(name)
-    if chain is None or chain.method != method:
-        chain = chains[name] = Chain(model, name, blocks, method, make_policy(), forecast)
+    chain = chains.get((name, identity))
+    if chain is None:
+        chain = chains[name, identity] = Chain(model, name, blocks, method, make_policy(), forecast)
         if not any(not isinstance(r, BlockGraph) for r in runtimes_of(model)):
             watch_timestep(model)  # the forward itself is not compiled: keep its timestep for the blocks
     return chain
@@ -424,7 +426,8 @@ def build(gm: fx.GraphModule, config, module: nn.Module | None, compile_fn: Call
         from ditopt.passes.pipeline import METHODS
 
         names = " and ".join(m.name for m in METHODS if m.chain_policy is not None)
-        return f"only block skipping ({names}) acts across blocks compiled one by one, and it is off"
+        return (f"only block skipping ({names}) acts across blocks compiled one by one, and it is off: turn it on, "
+                "or call torch.compile(transformer, backend='ditopt') for the methods that act inside one graph")
     streams = block_streams(gm)
     if isinstance(streams, str):
         return f"the block's graph cannot be skipped: {streams}"
@@ -439,7 +442,7 @@ def build(gm: fx.GraphModule, config, module: nn.Module | None, compile_fn: Call
 
     def make_chain(param):
         return chain_for(param, module, method.name, lambda: method.chain_policy(cfg, PROBE),
-                         getattr(cfg, "forecast", 0))
+                         getattr(cfg, "forecast", 0), method.uuid(cfg))
 
     return BlockGraph(fn, streams, make_chain, config, [method.name], time.perf_counter() - start)
 

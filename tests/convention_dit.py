@@ -69,11 +69,13 @@ class ConventionDiT(nn.Module, CacheMixin):
     """latent [B, C, F, H, W] (channels_last: [B, F, H, W, C]) -> the same shape.
 
     timestep: "sample" takes t [B]; "token" takes t [B, N] (one per video token, as Wan 2.2 TI2V's
-    expand_timesteps); "embedded" takes `temb` [B, dim] the caller computed (no timestep input)."""
+    expand_timesteps); "embedded" takes `temb` [B, dim] the caller computed (no timestep input).
+    `hint_after`: the forward changes the tokens between that block and the next."""
 
     def __init__(self, channels: int = 4, dim: int = 32, heads: int = 2, depth: int = 3, patch: int = 2,
-                 text_dim: int = 16, channels_last: bool = False, timestep: str = "sample"):
+                 text_dim: int = 16, channels_last: bool = False, timestep: str = "sample", hint_after: int | None = None):
         super().__init__()
+        self.hint_after = hint_after  # a block after which the forward adds a text hint (as Wan VACE adds its own)
         self.channels, self.patch, self.channels_last, self.timestep = channels, patch, channels_last, timestep
         self.patch_embed = nn.Linear(channels * patch * patch, dim)
         self.text_embed = nn.Linear(text_dim, dim)
@@ -97,8 +99,10 @@ class ConventionDiT(nn.Module, CacheMixin):
         if temb is None:
             temb = self.embed_time(t)
         ctx = self.text_embed(text)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             tokens = block(tokens, ctx, temb)
+            if i == self.hint_after:
+                tokens = tokens + 0.5 * ctx.mean(dim=1, keepdim=True)
         out = self.proj_out(self.norm_out(tokens)).reshape(b, f, h // p, w // p, c, p, p)
         if self.channels_last:
             return out.permute(0, 1, 2, 5, 3, 6, 4).reshape(b, f, h, w, c)
