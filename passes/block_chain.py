@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch._dynamo.eval_frame import OptimizedModule
 
 from ditopt import contexts
-from ditopt.diagnostics import warn_once
+from ditopt.diagnostics import failure_reason, warn_once
 from ditopt.method import tensor_bytes
 from ditopt.runtime import _FORWARD_TIMESTEP, _RUNTIME_IDS, Call, ModelState, counted, model_of, read_timestep, runtimes_of
 
@@ -330,6 +330,7 @@ class BlockGraph:
         self.timestep_slot = None
         self.index = next(_RUNTIME_IDS)  # creation order, among every graph's runtime
         self.calls = 0
+        self.gave_up: str | None = None  # why these blocks run plain from now on
         self._tuple = True  # the graph returns a tuple (else a list), as Dynamo's code expects back
 
     def __call__(self, *args):
@@ -337,14 +338,24 @@ class BlockGraph:
 
     def _call(self, *args):
         self.calls += 1
-        param = args[self.param_slot] if self.param_slot is not None else None
-        found = self._chain_of.get(id(param))
-        if found is None:
-            found = self._chain_of[id(param)] = self._locate(param)
-        chain, k = found
-        if chain is None:
+        if self.gave_up is not None:
             return self.fn(*args)
-        return chain.run(k, self, args)
+        try:
+            param = args[self.param_slot] if self.param_slot is not None else None
+            found = self._chain_of.get(id(param))
+            if found is None:
+                found = self._chain_of[id(param)] = self._locate(param)
+            chain, k = found
+            if chain is None:
+                return self.fn(*args)
+            return chain.run(k, self, args)
+        except Exception as err:  # noqa: BLE001 - the safety net (docs/architecture.md): never in the caller's loop
+            self.gave_up = failure_reason(err, "the block chain")
+            warn_once(f"ditopt: {self.gave_up}; these blocks run with plain {self.config.lowering} and no "
+                      "acceleration from now on")
+            for chain in self.chains:
+                chain.forward = None
+            return self.fn(*args)
 
     def _locate(self, param) -> tuple[Chain | None, int]:
         model_of(self, param)
@@ -374,6 +385,7 @@ class BlockGraph:
     def stats(self, params: set[int] | None = None) -> dict:
         chains = self._chains_of(params)
         return {
+            **({"fallback": self.gave_up} if self.gave_up else {}),
             "calls": self.calls,
             "blocks": sum(c.length for c in chains),
             "regions": 1,

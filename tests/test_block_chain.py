@@ -254,3 +254,31 @@ def test_lossless_block_graphs_run_plain_and_say_why():
     said = [str(w.message) for w in caught if str(w.message).startswith("ditopt:")]
     assert len(said) == 1 and "acts across blocks compiled one by one, and it is off" in said[0]
     assert ditopt.stats(model)["fallbacks"]
+
+
+def test_a_failure_in_the_chain_runs_the_blocks_plain_with_one_warning(monkeypatch):
+    """The safety net: an exception in the chain's own code never reaches the caller's loop; the blocks run as
+    their plain graph from then on, and one warning names the exception."""
+    from ditopt.passes import block_chain
+
+    model = tiny_wan()
+    expected = wan_loop(model)
+    calls = {"n": 0}
+    run = block_chain.Chain.run
+
+    def failing(self, k, graph, args):
+        calls["n"] += 1
+        if calls["n"] == 7:  # inside the second forward
+            raise RuntimeError("injected")
+        return run(self, k, graph, args)
+
+    monkeypatch.setattr(block_chain.Chain, "run", failing)
+    model.compile_repeated_blocks(backend="ditopt", options=NEVER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = wan_loop(model)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    said = [str(w.message) for w in caught if "injected" in str(w.message)]
+    assert len(said) == 1 and "the block chain" in said[0]
+    assert any("injected" in f for f in ditopt.stats(model)["fallbacks"])

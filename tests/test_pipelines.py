@@ -145,3 +145,19 @@ def test_wan_pipeline_through_inductor_as_users_run_it():
         start = {"transformer": len(generations(pipe.transformer))}
         generate(pipe, **{**settings, **changed})
         assert_accelerated_in_every_stream(pipe, start)
+
+
+def test_wan_pipeline_with_regionally_compiled_blocks_skips_in_every_stream():
+    """diffusers' regional compilation in a real pipeline: `transformer.compile_repeated_blocks(backend="ditopt")`;
+    each of the pipeline's streams (its cond and uncond contexts) skips blocks across the block graphs."""
+    build, settings, _ = CASES["wan"]
+    pipe = build()
+    with torch.no_grad():
+        expected = generate(pipe, **settings)
+        pipe.transformer.compile_repeated_blocks(backend="ditopt", options={**EAGER, "adacache": {"codebook": {1e9: 3}}})
+        got = generate(pipe, **settings)
+    assert torch.isfinite(got).all() and (got - expected).abs().max().item() > 0  # skipping changed something
+    gens = generations(pipe.transformer)
+    assert {g["name"] for g in gens} == {"cond", "uncond"}
+    assert all(g["steps"] == STEPS and g["blocks_skipped"] > 0 for g in gens)
+    assert ditopt.stats(pipe.transformer)["fallbacks"] == []
