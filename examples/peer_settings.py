@@ -1,4 +1,4 @@
-"""diffusers' caches at their best measured settings on the fixture, for the bench's comparison.
+"""diffusers' caches and cache-dit's DBCache at their best measured settings on the fixture, for the bench.
 
     python examples/peer_settings.py [--seeds 0 1] [--prompt-start 0]
 
@@ -27,6 +27,9 @@ SETTINGS = {
     "taylorseer": [{"cache_interval": n} for n in (2, 3, 4, 5)],
     "pab": [{"spatial_attention_block_skip_range": n} for n in (2, 3, 4)],
     "fastercache": [{"spatial_attention_block_skip_range": n} for n in (2, 3)],
+    # cache-dit's DBCache: compute blocks at the front, residual threshold, warm-up, TaylorSeer order
+    "dbcache": [{"Fn_compute_blocks": fn, "residual_diff_threshold": r, "max_warmup_steps": 4, "taylorseer_order": o}
+                for fn in (1, 2, 4) for r in (0.08, 0.16, 0.32) for o in (0, 1)],
 }
 FLOORS = {"quality": 35.0, "balanced": 30.0, "fast": 25.0}
 
@@ -56,11 +59,9 @@ def main() -> None:
         for settings in grid:
             values, ratios = [], []
             for seed in args.seeds:
-                model.enable_cache(bench.peer_config(peer, bench.CLOCK, True, mag_ratios, settings))
-                try:
+                with bench.peer_enabled(model, peer, settings, True, mag_ratios) as refresh:
+                    refresh()
                     out, flops = counted(seed)
-                finally:
-                    model.disable_cache()
                 values.append(psnr(out, full[seed][0]))
                 ratios.append(flops / full[seed][1])
             rows.append({"config": f"{peer}:{json.dumps(settings)}", "worst_psnr_db": round(min(values), 2),

@@ -21,13 +21,14 @@ def test_bench_measures_every_configuration_and_writes_json(tmp_path):
     bench.write(results, tmp_path, "tiny wan")
     rows = json.loads((tmp_path / "bench.json").read_text())
     assert [r["config"] for r in rows] == configs
-    eager, lossless, skipping, fbcache, *peers, textkv = rows
+    eager, lossless, skipping, fbcache, *peers, textkv, dbcache = rows
     assert eager["speedup_vs_eager"] == 1.0 and eager["flop_ratio"] == 1.0 and eager["psnr_db"] is None  # inf: null
     assert 0.5 < lossless["flop_ratio"] < 1.0 and lossless["psnr_db"] > 60  # invariant work once; other kernels
     assert skipping["blocks_skipped_fraction"] > 0 and skipping["flop_ratio"] < 1.0
     assert fbcache["how"] == "eager + diffusers hooks" and fbcache["gflops_per_generation"] > 0
     assert all(0 < p["flop_ratio"] <= 1 and p["psnr_db"] > 0 for p in peers)
     assert textkv["config"] == "textkvcache" and textkv["psnr_db"] is None  # exact: an infinite PSNR is null
+    assert dbcache["how"] == "eager + cache-dit hooks" and 0 < dbcache["flop_ratio"] <= 1
     assert "| lossless | ditopt (inductor) |" in (tmp_path / "bench.md").read_text()
 
 
@@ -178,3 +179,34 @@ def test_a_compiled_peer_runs_its_hooks_around_inductor_blocks_with_the_eager_pe
     # the blocks are left running their own eager forward (diffusers' hook removal may leave it bound on the
     # instance; what matters is that no compiled wrapper stays behind)
     assert blocks and all(inspect.ismethod(b.forward) and b.forward.__func__ is type(b).forward for b in blocks)
+
+
+def test_cache_dit_runs_as_a_peer_with_a_fresh_context_each_generation():
+    """cache-dit's DBCache + TaylorSeer on the bare transformer (its BlockAdapter): it skips blocks, its
+    settings are checked, and every generation starts from a fresh context (the same seed gives the same
+    output twice)."""
+    pytest.importorskip("cache_dit")
+    bench.check_configs(['dbcache:{"Fn_compute_blocks": 1, "taylorseer_order": 0}'])
+    with pytest.raises(ValueError, match=r"\['Fn'\] are not cache-dit DBCacheConfig fields"):
+        bench.check_configs(['dbcache:{"Fn": 1}'])
+    model = fixture.load_fixture()
+    prompts = ["red square moving left"]
+    calls = [0] * len(model.blocks)
+    hooks = [b.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, b in enumerate(model.blocks)]
+    try:
+        with torch.no_grad(), bench.peer_enabled(model, "dbcache", {"Fn_compute_blocks": 1,
+                                                                    "residual_diff_threshold": 0.2,
+                                                                    "max_warmup_steps": 2}) as refresh:
+            outs = []
+            for _ in range(2):
+                refresh()
+                outs.append(fixture.sample(model, prompts, seed=0, steps=12))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls[0] == 24 and calls[-1] < 24  # block 0 always computes; the others are cached on some steps
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    with torch.no_grad():  # its hooks are gone: the model computes what it computed before
+        torch.testing.assert_close(fixture.sample(model, prompts, seed=0, steps=12),
+                                   fixture.sample(fixture.load_fixture(), prompts, seed=0, steps=12), rtol=0, atol=0)

@@ -37,7 +37,13 @@ METHOD_CONFIGS = {
 PEER_CONFIGS = {"fbcache": "FirstBlockCacheConfig", "pab": "PyramidAttentionBroadcastConfig",
                 "fastercache": "FasterCacheConfig", "taylorseer": "TaylorSeerCacheConfig", "magcache": "MagCacheConfig",
                 "seacache": "SeaCacheConfig", "textkvcache": "TextKVCacheConfig"}
-PEERS = tuple(PEER_CONFIGS)
+# cache-dit's DBCache with its TaylorSeer calibrator (the cache engine SGLang and vLLM-omni ship), on the bare
+# transformer through its BlockAdapter. Its own defaults, but Fn (8) clipped to leave a block to cache.
+CACHE_DIT = "dbcache"
+DBCACHE_DEFAULTS = {"Fn_compute_blocks": 8, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.08,
+                    "max_warmup_steps": 8, "taylorseer_order": 1}
+DBCACHE_EXTRA_KEYS = ("taylorseer_order",)  # 0: no calibrator; else TaylorSeer of that order
+PEERS = (*PEER_CONFIGS, CACHE_DIT)
 SMALL_SECONDS = 0.5  # a generation shorter than this is timed with a warning
 
 
@@ -139,6 +145,13 @@ def _check_peer_settings(peer: str, settings: dict) -> None:
 
     import diffusers
 
+    if peer == CACHE_DIT:
+        valid = set(_dbcache_fields()) | set(DBCACHE_EXTRA_KEYS)
+        unknown = sorted(set(settings) - valid)
+        if unknown:
+            raise ValueError(f"ditopt bench: {peer} settings {unknown} are not cache-dit DBCacheConfig fields or "
+                             f"{list(DBCACHE_EXTRA_KEYS)}; valid: {sorted(valid)}")
+        return
     config = PEER_CONFIGS[peer]
     valid = set(inspect.signature(getattr(diffusers, config)).parameters)
     unknown = sorted(set(settings) - valid)
@@ -188,6 +201,76 @@ def peer_config(name: str, clock: _Clock = _Clock(), cfg_batched: bool = False, 
         return getattr(diffusers, PEER_CONFIGS[name])(**{**kwargs, **(settings or {})})
     except TypeError as err:
         raise ValueError(f"ditopt bench: {name} settings {settings}: {err}") from None
+
+
+def _dbcache_fields() -> list[str]:
+    import dataclasses
+
+    try:
+        import cache_dit
+    except ImportError:
+        raise ValueError(f"ditopt bench: the {CACHE_DIT} peer is cache-dit's: pip install cache-dit") from None
+
+    return [f.name for f in dataclasses.fields(cache_dit.DBCacheConfig)]
+
+
+# the block forward contracts cache-dit must be told for a bare transformer (its ForwardPattern names)
+DBCACHE_PATTERNS = {"WanTransformerBlock": "Pattern_2", "CogVideoXBlock": "Pattern_0"}
+
+
+def enable_dbcache(model: torch.nn.Module, settings: dict | None = None,
+                   cfg_batched: bool = True) -> tuple[Callable[[], None], Callable[[], None]]:
+    """cache-dit's DBCache (+ TaylorSeer) on `model`'s blocks, with `settings` over DBCACHE_DEFAULTS (CFG's
+    halves as separate calls unless `cfg_batched`); returns (refresh: a fresh cache context, to call before
+    each generation; disable)."""
+    import copy
+    import logging
+
+    import cache_dit
+
+    logging.getLogger("CACHE_DIT").setLevel(logging.ERROR)  # it logs every context at INFO
+    names = getattr(model, "_repeated_blocks", None) or []
+    lists = [m for m in model.children() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and type(m[0]).__name__ in names]
+    if not lists or type(lists[0][0]).__name__ not in DBCACHE_PATTERNS:
+        raise ValueError(f"cache-dit needs the forward pattern of {type(model).__name__}'s blocks; the bench knows "
+                         f"{sorted(DBCACHE_PATTERNS)}")
+    blocks = lists[0]
+    given = dict(settings or {})
+    merged = {**DBCACHE_DEFAULTS, "enable_separate_cfg": not cfg_batched, **given}
+    if "Fn_compute_blocks" not in given:
+        merged["Fn_compute_blocks"] = min(merged["Fn_compute_blocks"], len(blocks) - 1)
+    order = merged.pop("taylorseer_order")
+    cache = cache_dit.DBCacheConfig(**merged)
+    calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
+    adapter = cache_dit.BlockAdapter(transformer=model, blocks=blocks,
+                                     forward_pattern=getattr(cache_dit.ForwardPattern,
+                                                             DBCACHE_PATTERNS[type(blocks[0]).__name__]))
+    cache_dit.enable_cache(adapter, cache_config=copy.deepcopy(cache), calibrator_config=copy.deepcopy(calibrator))
+
+    def refresh():
+        kwargs = {"cache_config": copy.deepcopy(cache)}
+        if calibrator is not None:
+            kwargs["calibrator_config"] = copy.deepcopy(calibrator)
+        cache_dit.refresh_context(model, **kwargs)
+
+    return refresh, lambda: cache_dit.disable_cache(model)
+
+
+@contextlib.contextmanager
+def peer_enabled(model: torch.nn.Module, peer: str, settings: dict | None = None, cfg_batched: bool = True,
+                 mag_ratios: list[float] | None = None):
+    """A peer's hooks on `model` inside the block; yields what to call before each generation (cache-dit's
+    context refresh; nothing for diffusers' caches, which reset themselves at a new generation)."""
+    if peer == CACHE_DIT:
+        refresh, disable = enable_dbcache(model, settings, cfg_batched)
+    else:
+        model.enable_cache(peer_config(peer, CLOCK, cfg_batched, mag_ratios, settings))
+        refresh, disable = (lambda: None), model.disable_cache
+    try:
+        yield refresh
+    finally:
+        disable()
 
 
 def peer_compiled(name: str) -> bool:
@@ -247,26 +330,28 @@ CLOCK = _Clock()
 
 def _prepare(model: torch.nn.Module, name: str, lowering: str = "inductor", cfg_batched: bool = False,
              mag_ratios: list[float] | None = None):
-    """(callable, how it runs, cleanup) for a configuration name."""
+    """(callable, how it runs, cleanup, what to do before each generation) for a configuration name."""
     peer = peer_of(name)
     if peer is not None:
         # compiled blocks first, so that the hooks wrap them (FLOPs are counted with the eager lowering)
         uncompile = compile_blocks(model) if peer_compiled(name) and lowering != "eager" else (lambda: None)
+        hooks = contextlib.ExitStack()
         try:
-            model.enable_cache(peer_config(peer[0], CLOCK, cfg_batched, mag_ratios, peer[1]))
+            refresh = hooks.enter_context(peer_enabled(model, peer[0], peer[1], cfg_batched, mag_ratios))
         except Exception:
             uncompile()
             raise
 
         def cleanup():
-            model.disable_cache()
+            hooks.close()
             uncompile()
 
-        how = "inductor blocks + diffusers hooks" if peer_compiled(name) else "eager + diffusers hooks"
-        return model, how, cleanup
+        library = "cache-dit" if peer[0] == CACHE_DIT else "diffusers"
+        how = f"{'inductor blocks' if peer_compiled(name) else 'eager'} + {library} hooks"
+        return model, how, cleanup, refresh
     fn = compile_config(model, name, lowering)
     how = "eager" if fn is model else ("inductor" if name == "inductor" else f"ditopt ({lowering})")
-    return fn, how, lambda: None
+    return fn, how, lambda: None, lambda: None
 
 
 def measure(
@@ -362,7 +447,7 @@ def _timed_generations(model, name: str, generates: list[Callable], repeats: int
     torch._dynamo.reset()
     ditopt.reset(model)
     generate = generates[0]
-    fn, how, cleanup = _prepare(model, name, lowering, cfg_batched=cfg_batched, mag_ratios=mag_ratios)
+    fn, how, cleanup, refresh = _prepare(model, name, lowering, cfg_batched=cfg_batched, mag_ratios=mag_ratios)
     try:
         start = time.perf_counter()
         out = generate(fn)
@@ -371,6 +456,7 @@ def _timed_generations(model, name: str, generates: list[Callable], repeats: int
         _reset_peak_memory()
         for _ in range(repeats):
             ditopt.reset(model)
+            refresh()
             seen = len(ditopt.stats(model)["generations"])
             start = time.perf_counter()
             out = generate(fn)
@@ -380,6 +466,7 @@ def _timed_generations(model, name: str, generates: list[Callable], repeats: int
         outs = [out]
         for other in generates[1:]:
             ditopt.reset(model)
+            refresh()
             outs.append(other(fn))
         return how, first, times, outs, peak, slice(seen, stats_seen)
     finally:
@@ -403,11 +490,12 @@ def count_generation_flops(model: torch.nn.Module, name: str, generate: Callable
     peer = peer_of(name)
     if peer is not None and peer[0] == "magcache" and mag_ratios is None:
         mag_ratios = magcache_ratios(model, generate)
-    fn, _, cleanup = _prepare(model, name, "eager", cfg_batched, mag_ratios)
+    fn, _, cleanup, refresh = _prepare(model, name, "eager", cfg_batched, mag_ratios)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # FlopCounterMode's module hooks make torch.compile warn
             if fn is model:
+                refresh()
                 counter = FlopCounterMode(display=False)
                 with counter:
                     generate(fn)
