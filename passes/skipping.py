@@ -93,10 +93,18 @@ def residual_streams(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[tuple[fx
     return outputs, [(src, out) for out in outputs if (src := residual_source(out, inside, inputs)) is not None]
 
 
-def insert_guards(gm: fx.GraphModule, structure: DiTStructure, method: str) -> tuple[list[Span], list[dict]]:
-    """Guard every skippable span; returns (spans, rejected runs of blocks with why)."""
+def insert_guards(gm: fx.GraphModule, structure: DiTStructure, method: str, compute_first: int = 0,
+                  compute_last: int = 0) -> tuple[list[Span], list[dict]]:
+    """Guard every skippable span; returns (spans, rejected runs of blocks with why).  The first
+    `compute_first` and the last `compute_last` blocks of each run always compute (DBCache's Fn and Bn
+    compute blocks): the span is what lies between."""
     spans, rejected = [], []
-    for blocks in _runs_of_adjacent_blocks(gm, structure):
+    for run in _runs_of_adjacent_blocks(gm, structure):
+        blocks = run[compute_first:len(run) - compute_last]
+        if not blocks:
+            rejected.append({"blocks": run, "reason": f"compute_first {compute_first} + compute_last {compute_last} "
+                                                      f"leave none of its {len(run)} blocks to skip"})
+            continue
         nodes = nodes_between(gm.graph, structure.blocks[blocks[0]].first_node, structure.blocks[blocks[-1]].last_node)
         inside = set(nodes)
         outputs, streams = residual_streams(nodes)
@@ -121,6 +129,12 @@ def insert_guards(gm: fx.GraphModule, structure: DiTStructure, method: str) -> t
         spans.append(span)
     gm.recompile()
     return spans, rejected
+
+
+def no_spans_reason(rejected: list[dict]) -> str:
+    """Why no span was guarded, from the runs insert_guards rejected."""
+    reasons = sorted({r["reason"] for r in rejected})
+    return "no span of blocks can be skipped: " + ("; ".join(reasons) if reasons else "the graph has no run of blocks")
 
 
 def mark_probe(node: fx.Node, method: str, name: str, decide_here: bool = False) -> None:

@@ -1,6 +1,7 @@
 """AdaCache: skip guards, the decision policy against the reference formula, streams, calibration."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -468,3 +469,33 @@ def test_separate_cond_and_uncond_calls_decide_what_the_batched_call_decides():
     assert cond["adacache"]["metrics"][1:-1] == pytest.approx(batched["adacache"]["metrics"][1:-1], rel=1e-4)
     assert cond["adacache"]["metrics"][-1] != pytest.approx(batched["adacache"]["metrics"][-1], rel=1e-4)
     assert (outs[False] - outs[True]).abs().max() < 1e-2  # the same schedule: float noise of batched matmuls
+
+
+@settings(max_examples=6, deadline=None)
+@given(first=st.integers(0, 3), last=st.integers(0, 3), method=st.sampled_from(["adacache", "teacache"]))
+def test_compute_first_and_last_leave_those_blocks_computed(first, last, method):
+    """DBCache's Fn / Bn: the first and last blocks of the run always compute; a skipped step skips exactly the
+    blocks between, and when none are left the method says why instead of skipping."""
+    from convention_dit import ConventionDiT
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ConventionDiT(depth=4).eval()
+    settings_ = {"compute_first": first, "compute_last": last}
+    settings_.update({"codebook": ALWAYS_SKIP} if method == "adacache" else {"threshold": 1e9})
+    fn = compile_ditopt(model, **{method: settings_})
+    x, ctx = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 5, 16)
+    said = pytest.warns(UserWarning, match="leave none of its 4 blocks") if first + last >= 4 else nullcontext()
+    with torch.no_grad(), said:
+        for t in torch.linspace(999, 0, 6):
+            fn(x=x, text=ctx, t=t.reshape(1))
+    (gen,) = ditopt.stats(model)["generations"]
+    span = list(range(first, 4 - last))
+    report = [r for r in ditopt.runtime.runtimes_of(model) if hasattr(r, "report")][-1].report[method]
+    if not span:
+        assert report["spans"] == [] and "leave none of its 4 blocks" in report["rejected"][0]["reason"]
+        assert gen["blocks_skipped"] == 0
+    else:
+        assert [s["blocks"] for s in report["spans"]] == [span]
+        skipped_steps = gen[method]["decisions"].count("S")
+        assert skipped_steps > 0 and gen["blocks_skipped"] == skipped_steps * len(span)

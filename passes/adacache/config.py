@@ -27,6 +27,10 @@ class AdaCacheConfig:
     # A skipped span adds its last computed residual (0), or extrapolates it in the timestep from the
     # last 2 (1: linear) or 3 (2: quadratic) computed steps, in the manner of TaylorSeer / FoCa.
     forecast: int = 0
+    # Blocks at the start and at the end of each run of blocks that always compute (DBCache's Fn and Bn compute
+    # blocks): skipping acts on the blocks between.
+    compute_first: int = 0
+    compute_last: int = 0
     joint_streams: bool = True  # calls at one timestep after the first (separate CFG passes) follow its decision
 
     def validate(self) -> None:
@@ -46,6 +50,10 @@ class AdaCacheConfig:
             raise ValueError("ditopt: adacache.first_steps must be >= 1 and last_steps >= 0")
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError("ditopt: adacache.num_steps must be a positive number of steps or None")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                   for n in (self.compute_first, self.compute_last)):
+            raise ValueError(f"ditopt: adacache.compute_first and compute_last must be block counts >= 0, "
+                             f"got {self.compute_first!r} and {self.compute_last!r}")
         if self.forecast not in (0, 1, 2):
             raise ValueError(f"ditopt: adacache.forecast must be 0 (replay), 1 (linear) or 2 (quadratic), "
                              f"got {self.forecast!r}")

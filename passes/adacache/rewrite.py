@@ -19,7 +19,7 @@ from ditopt.method import Rewrite
 from ditopt.patterns import nodes_between
 from ditopt.diagnostics import OptionError
 
-from ..skipping import insert_guards, mark_probe, residual_streams, spans_report
+from ..skipping import insert_guards, mark_probe, no_spans_reason, residual_streams, spans_report
 from .config import AdaCacheConfig
 
 NAME = "adacache"
@@ -78,7 +78,7 @@ def probes_for(gm: fx.GraphModule, structure: DiTStructure, cfg: AdaCacheConfig)
 
 
 def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg: AdaCacheConfig) -> Rewrite:
-    spans, rejected = insert_guards(gm, structure, NAME)
+    spans, rejected = insert_guards(gm, structure, NAME, cfg.compute_first, cfg.compute_last)
     probes, where = probes_for(gm, structure, cfg)
     for i, probe in enumerate(probes):
         if probe.branch is not None:
@@ -89,7 +89,7 @@ def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg: AdaCacheConfig) ->
     report = {**spans_report(spans, rejected), "probe": where if probes else None}
     nothing = None
     if not spans:
-        nothing = "no run of blocks hands on only residual updates of its inputs, so nothing can be skipped"
+        nothing = no_spans_reason(rejected)
     elif not probes:
         nothing = where
         report["probe_missing"] = where

@@ -8,7 +8,7 @@ import torch.fx as fx
 from ditopt.analysis import DiTStructure, q_projection_input
 from ditopt.method import Rewrite
 
-from ..skipping import insert_guards, mark_probe, spans_report
+from ..skipping import insert_guards, mark_probe, no_spans_reason, spans_report
 from .config import TeaCacheConfig
 
 NAME = "teacache"
@@ -25,13 +25,13 @@ def modulated_input(structure: DiTStructure) -> fx.Node | None:
 
 
 def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg: TeaCacheConfig) -> Rewrite:
-    spans, rejected = insert_guards(gm, structure, NAME)
+    spans, rejected = insert_guards(gm, structure, NAME, cfg.compute_first, cfg.compute_last)
     probe = modulated_input(structure)
     where = (f"{structure.blocks[0].path}: input of the first Q projection" if probe is not None else
              "the first block has no self/joint attention to read a modulated input from")
     report = {**spans_report(spans, rejected), "probe": where if probe is not None else None}
     if not spans:
-        return Rewrite(report, "no run of blocks hands on only residual updates of its inputs, so nothing can be skipped")
+        return Rewrite(report, no_spans_reason(rejected))
     if probe is None:
         report["probe_missing"] = where
         return Rewrite(report, where)
