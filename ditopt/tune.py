@@ -9,7 +9,9 @@ each case once at full compute (the reference), calibrates the skip guards from 
 nothing (AdaCache's metric and TeaCache's change per step), then measures candidates in stages:
 
 1. skip guards: AdaCache codebooks and TeaCache thresholds calibrated for rising speed-ups, each with
-   forecast orders 0, 1 and 2; a ladder stops once two rungs in a row miss the budget;
+   forecast orders 0, 1 and 2; a ladder stops once two rungs in a row miss the budget; then, with the
+   forecast order that went fastest, the same ladders with the first block, or the first and last blocks,
+   always computed (`compute_first` / `compute_last`, as DBCache's Fn / Bn);
 2. tokens: ToCa (interval, ratio) on up to three skip configurations of the Pareto front that meet the
    budget, and on none; AsymRnR schedules on the best so far;
 
@@ -37,6 +39,7 @@ SPEEDS = ("flops", "wall")
 METHODS = ("adacache", "teacache", "toca", "asymrnr")
 SKIP_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 FORECASTS = (1, 2, 0)
+DEPTHS = ((1, 0), (1, 1))  # (compute_first, compute_last) tried after the whole-run spans
 # ToCa (interval, ratio), gentlest first: about 1/interval + (1 - 1/interval) * ratio of the rows computed.
 TOCA_LADDER = ((2, 0.5), (3, 0.5), (2, 0.3), (3, 0.3), (4, 0.3), (3, 0.1), (4, 0.1), (6, 0.1))
 ASYMRNR_LADDER = ((0.25, 0.1), (0.5, 0.3), (0.75, 0.5))
@@ -140,13 +143,14 @@ class TuneResult:
 def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tensor], budget: float = 30.0, *,
          metric: str = "psnr", cases: Sequence = (0, 1), speed: str = "flops", margin: float | None = None,
          methods: Sequence[str] = METHODS, out: str | Path | None = None, plot: str | Path | None = None,
-         progress: bool = True) -> TuneResult:
+         progress: bool = True, depth: bool = True) -> TuneResult:
     """Search ditopt's joint space for the fastest configuration whose worst case meets `budget`.
 
     `budget` is a floor on `metric` ("psnr" in dB, or "ssim") against full compute, over every case;
     `margin` is added to it when choosing: headroom for inputs the tuner did not see (None: 2 dB for PSNR,
     which kept the fixture's floors on prompts and seeds it had not seen, and 0 for SSIM; 0 chooses at the
-    edge of the calibration runs).  `methods` limits the search.  When no candidate meets the budget, the
+    edge of the calibration runs).  `methods` limits the search; `depth=False` leaves out the spans that keep
+    the first and last blocks computed.  When no candidate meets the budget, the
     closest one is returned with a warning.  `out` writes the choice as JSON, `plot` a Pareto plot (PNG)."""
     check_choice("tune metric", metric, METRICS)
     check_choice("tune speed", speed, SPEEDS)
@@ -165,6 +169,7 @@ def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tens
         raise ValueError("ditopt tune: cases must hold at least one calibration case (a seed, a prompt, ...)")
     model = getattr(model, "_orig_mod", model)  # the module itself, also when given its torch.compile wrapper
     search = _Search(model, sample_fn, metric, cases, speed, budget + margin, progress)
+    search.depths = depth
     try:
         search.run(methods)
     finally:
@@ -215,6 +220,7 @@ class _Search:
         self.speed, self.floor = speed, floor
         self.score = {"psnr": metrics.psnr, "ssim": metrics.ssim}[metric]
         self.candidates: list[Candidate] = []
+        self.depths = True  # also the ladders that keep the first (and last) blocks computed
         self.notes: list[str] = []
         self.refs: list[torch.Tensor] = []
         self.full_flops = 0.0
@@ -355,25 +361,38 @@ class _Search:
             return []
         out = []
         for forecast in FORECASTS:
-            def rung(target: float) -> dict | None:
-                settings = _skip_settings(method, per_step, target)
-                return None if settings is None else {"preset": "lossless", method: {**settings, "forecast": forecast}}
+            out += self._skip_ladder(method, per_step, {"forecast": forecast})
+        meeting = [c for c in out if self.meets(c)]
+        if meeting and self.depths:
+            fastest = max(meeting, key=lambda c: c.speedup(self.full_seconds)).options[method]["forecast"]
+            for first, last in DEPTHS:
+                out += self._skip_ladder(method, per_step,
+                                         {"forecast": fastest, "compute_first": first, "compute_last": last})
+        return out
 
-            reachable = {t: r for t in SKIP_SPEEDUPS if (r := rung(t)) is not None}
-            tried = self.ladder(method, list(reachable.values()))
-            out += tried
-            passed = [t for t, c in zip(reachable, tried) if self.meets(c)]
-            above = [t for t, c in zip(reachable, tried) if not self.meets(c) and (not passed or t > passed[-1])]
-            if passed and above:  # bisect between the fastest rung that meets the budget and the next that misses
-                lo, hi = passed[-1], above[0]
-                for _ in range(REFINE_STEPS):
-                    mid = round((lo + hi) / 2, 3)
-                    options = rung(mid)
-                    if options is None:  # the schedule cannot reach it: the edge stays where it is
-                        break
-                    cand = self.measure(options, method)
-                    out.append(cand)
-                    lo, hi = (mid, hi) if self.meets(cand) else (lo, mid)
+    def _skip_ladder(self, method: str, per_step: list[float], extra: dict) -> list[Candidate]:
+        """One ladder of calibrated settings, with `extra` settings, then a bisection at its edge."""
+        out = []
+
+        def rung(target: float) -> dict | None:
+            settings = _skip_settings(method, per_step, target)
+            return None if settings is None else {"preset": "lossless", method: {**settings, **extra}}
+
+        reachable = {t: r for t in SKIP_SPEEDUPS if (r := rung(t)) is not None}
+        tried = self.ladder(method, list(reachable.values()))
+        out += tried
+        passed = [t for t, c in zip(reachable, tried) if self.meets(c)]
+        above = [t for t, c in zip(reachable, tried) if not self.meets(c) and (not passed or t > passed[-1])]
+        if passed and above:  # bisect between the fastest rung that meets the budget and the next that misses
+            lo, hi = passed[-1], above[0]
+            for _ in range(REFINE_STEPS):
+                mid = round((lo + hi) / 2, 3)
+                options = rung(mid)
+                if options is None:  # the schedule cannot reach it: the edge stays where it is
+                    break
+                cand = self.measure(options, method)
+                out.append(cand)
+                lo, hi = (mid, hi) if self.meets(cand) else (lo, mid)
         return out
 
     def _calibrate(self, method: str) -> list[float] | None:

@@ -47,6 +47,9 @@ def test_the_choice_is_the_fastest_candidate_meeting_the_budget_and_its_file_rep
     meeting = [c for c in result.candidates if c.stage != "reference" and c.worst >= 25.0]
     assert max(c.speedup() for c in meeting) == result.chosen.speedup()
     assert any(c.worst < 25.0 for c in result.candidates)  # the search went past the budget
+    depths = {(c.options["adacache"].get("compute_first", 0), c.options["adacache"].get("compute_last", 0))
+              for c in result.candidates if "adacache" in c.options}
+    assert depths == {(0, 0), (1, 0), (1, 1)}  # whole runs, then the first (and last) blocks kept computed
     assert (tmp_path / "tuned.png").stat().st_size > 0
     saved = json.loads((tmp_path / "tuned.json").read_text())
     assert saved["tune"]["chosen"]["worst"] == round(result.chosen.worst, 4)
