@@ -37,15 +37,30 @@ def _inspect(args) -> int:
     return 0
 
 
+FIXTURES = ("fixture", "fixture-deep")  # the trained fixtures: 4 blocks over 8 x 8 tokens, 12 over 16 x 16
+
+
+def _fixture(name: str):
+    """(loader, clip size) of a trained fixture."""
+    from . import fixture
+
+    if name == "fixture-deep":
+        from .fixture.deep import DEEP_SPEC, load_deep
+
+        return load_deep, DEEP_SPEC
+    return fixture.load_fixture, fixture.VideoSpec()
+
+
 def _sampler(args, prompts: int, prompt_start: int = 0, cfg_batched: bool = True):
     """(model, loop, what) for `--model`: loop(seed) is one whole sampling loop, generate(fn) -> output; the
     fixture samples `prompts` of its prompts from `prompt_start` with CFG, a zoo model an Euler loop over its
     inputs of batch `--batch` (random weights)."""
     from . import bench, models
 
-    if args.model == "fixture":
+    if args.model in FIXTURES:
         from . import fixture
 
+        load, spec = _fixture(args.model)
         chosen = list(fixture.PROMPTS[prompt_start: prompt_start + prompts])
         if len(chosen) < prompts:
             raise ValueError(f"ditopt: the fixture has {len(fixture.PROMPTS)} prompts; prompts {prompt_start}.."
@@ -53,8 +68,8 @@ def _sampler(args, prompts: int, prompt_start: int = 0, cfg_batched: bool = True
 
         def loop(seed):
             return lambda fn: fixture.sample(fn, chosen, seed=seed, steps=args.steps, cfg_batched=cfg_batched,
-                                             on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
-        return fixture.load_fixture(), loop, f"fixture, prompts {prompt_start}..{prompt_start + prompts - 1}"
+                                             spec=spec, on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
+        return load(), loop, f"{args.model}, prompts {prompt_start}..{prompt_start + prompts - 1}"
     case = models.build(args.model, args.size)
     latent = "x" if args.model == "stdit" else "hidden_states"
 
@@ -76,19 +91,19 @@ def _bench(args) -> int:
         torch.set_num_threads(args.threads)
     seeds = args.seeds or [args.seed]
     model, loop, _ = _sampler(args, args.batch, args.prompt_start)
-    if args.model == "fixture":
-        title = (f"fixture (WanTransformer3DModel), {args.steps} steps, prompts {args.prompt_start}.."
+    if args.model in FIXTURES:
+        title = (f"{args.model} (WanTransformer3DModel), {args.steps} steps, prompts {args.prompt_start}.."
                  f"{args.prompt_start + args.batch - 1} with CFG")
     else:
         title = f"{args.model} ({args.size}), {args.steps} steps, batch {args.batch}"
     title += f", seeds {' '.join(map(str, seeds))}"
     with torch.no_grad():
         results = bench.measure(model, loop(seeds[0]), args.configs, repeats=args.repeats, flops=not args.no_flops,
-                                cfg_batched=args.model == "fixture", other_seeds=[loop(s) for s in seeds[1:]])
+                                cfg_batched=args.model in FIXTURES, other_seeds=[loop(s) for s in seeds[1:]])
     print(bench.to_markdown(results, title))
     print("peak_memory_mb: the CUDA allocator's peak over the timed generations (empty on the CPU); times and "
           f"FLOPs: seed {seeds[0]}; psnr_db, ssim: the worst over the seeds")
-    if args.model == "fixture":
+    if args.model in FIXTURES:
         print(f"\nTargets ({title}; wall time against Inductor, full compute):")
         print("\n".join(bench.targets(results)) or "no preset among the configurations")
     if args.out:
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the full structure as JSON")
     p.set_defaults(func=_inspect)
     b = sub.add_parser("bench", help="time, FLOPs and fidelity of configurations side by side")
-    b.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))
+    b.add_argument("--model", default="fixture", choices=(*FIXTURES, *FAMILIES))
     b.add_argument("--size", choices=SIZES, default="tiny")
     b.add_argument("--configs", nargs="+", default=["eager", "inductor", "lossless", "quality", "balanced", "fast",
                                                      "asymrnr", "toca", "fbcache", "pab", "fastercache",
@@ -206,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png (default out/bench)")
     b.set_defaults(func=_bench)
     c = sub.add_parser("calibrate", help="an AdaCache codebook for a target speed-up, from full-compute runs")
-    c.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))
+    c.add_argument("--model", default="fixture", choices=(*FIXTURES, *FAMILIES))
     c.add_argument("--size", choices=SIZES, default="tiny")
     c.add_argument("--target", type=float, default=2.0, help="target speed-up (fraction of steps computed ~ 1/target)")
     c.add_argument("--steps", type=int, default=30)
@@ -215,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=_calibrate)
     t = sub.add_parser("tune", help="the fastest configuration whose worst-seed PSNR (or SSIM) against full "
                                     "compute meets a budget, searched over every method (docs/tune.md)")
-    t.add_argument("--model", default="fixture", choices=("fixture", *FAMILIES))
+    t.add_argument("--model", default="fixture", choices=(*FIXTURES, *FAMILIES))
     t.add_argument("--size", choices=SIZES, default="tiny")
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--psnr", type=float, default=30.0, help="worst-seed PSNR floor in dB (default 30)")
