@@ -9,10 +9,11 @@ A `Chain` (one per model and block list) keeps that model's step clock, the skip
 state and the cached residuals; `BlockGraph` (the callable the backend gives Dynamo for the block's
 graph) asks it at every call whether this block computes.
 
-- The first block always computes: its residual (output - input) is the probe the method's policy
-  reads, as DBCache's Fn = 1 compute block does; AdaCache's codebook and TeaCache's threshold then
-  decide as they do in one graph.
-- A span runs from block 1 to the last block, cut wherever the caller does anything between two blocks
+- The first block always computes (the first `compute_first` of the method's options, at least one): the
+  residual of those blocks (output - input) is the probe the method's policy reads, as DBCache's Fn compute
+  blocks are; AdaCache's codebook and TeaCache's threshold then decide as they do in one graph.  The last
+  `compute_last` blocks always compute too (DBCache's Bn).
+- A span runs from the first block after those to the last before the `compute_last` ones, cut wherever the caller does anything between two blocks
   (the next block's input is not the tensor the previous block returned, as where Wan VACE adds its
   hints): a skipped span then adds exactly its cached residual.  Cuts are learned at computed steps;
   the first step of every generation computes every block.
@@ -46,7 +47,7 @@ from ditopt.runtime import _FORWARD_TIMESTEP, _RUNTIME_IDS, Call, ModelState, co
 
 from .skipping import forecast_residuals, residual_source
 
-FIRST_COMPUTED = 1  # blocks at the head of the list that always compute (the probe is their residual)
+FIRST_COMPUTED = 1  # at least this many blocks at the head of the list always compute (the probe is their residual)
 PROBE = "first_blocks_residual"
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
 
@@ -174,9 +175,11 @@ class Chain:
     """One model's block list, called block by block: step clock, decisions, cached span residuals."""
 
     def __init__(self, model: nn.Module, name: str, blocks: nn.ModuleList, method: str, policy, forecast: int,
-                 group=None):
+                 compute_first: int = FIRST_COMPUTED, compute_last: int = 0, group=None):
         self.name = name
         self.length = len(blocks)
+        self.first = max(FIRST_COMPUTED, compute_first)  # blocks 0 .. first-1 always compute: the probe
+        self.last = compute_last  # and the last ones (DBCache's Bn)
         self.method = method
         self.policy = policy
         self.forecast = forecast
@@ -193,16 +196,18 @@ class Chain:
     # -- spans ---------------------------------------------------------------
 
     def span_starts(self) -> list[int]:
-        return sorted({FIRST_COMPUTED} | {k for k in self.cuts if k > FIRST_COMPUTED})
+        end = self.length - self.last  # blocks from here on always compute
+        return sorted(k for k in {self.first} | self.cuts if self.first <= k < end)
 
     def span_of(self, k: int) -> tuple[int, int] | None:
         """(first, last) block of the span holding block k, or None for an always computed block."""
-        if k < FIRST_COMPUTED or self.length <= FIRST_COMPUTED:
+        end = self.length - self.last
+        if not self.first <= k < end:
             return None
         starts = self.span_starts()
         first = max(s for s in starts if s <= k)
         later = [s for s in starts if s > first]
-        return first, (later[0] - 1 if later else self.length - 1)
+        return first, (later[0] - 1 if later else end - 1)
 
     # -- calls ---------------------------------------------------------------
 
@@ -279,7 +284,7 @@ class Chain:
         st = fw.state
         if k == 0:
             st.probe_input = streams_in[0]
-        if k == FIRST_COMPUTED - 1 and st.probe_input is not None:
+        if k == self.first - 1 and st.probe_input is not None:
             st.probes[PROBE] = outputs[0] - st.probe_input
             st.probe_input = None
         if span is not None and span[1] == k:
@@ -394,7 +399,7 @@ class BlockGraph:
             "methods": self.methods,
             "compiled_variants": 1,
             "compile_seconds": round(self.compile_seconds, 3),
-            "chained_blocks": [{"list": c.name, "blocks": c.length, "first_computed": FIRST_COMPUTED,
+            "chained_blocks": [{"list": c.name, "blocks": c.length, "compute_first": c.first, "compute_last": c.last,
                                 "spans": [list(s) for s in (c.span_of(k) for k in c.span_starts()) if s]}
                                for c in chains],
             "generations": [g.to_dict() for g in self.generations(params)],
@@ -412,7 +417,7 @@ _CHAINS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Chain]]" = weakref.We
 
 
 def chain_for(param: Tensor | None, module: nn.Module | None, method: str, make_policy: Callable[[], Any],
-              forecast: int, identity: Any = None) -> Chain | None:
+              cfg: Any, identity: Any = None) -> Chain | None:
     """The chain of the block list holding `param` for the method with this identity (its config: a recompile
     with other options makes a new chain), made on first use; None if `param` is in no block list."""
     found = block_list_of(param, module)
@@ -422,7 +427,8 @@ def chain_for(param: Tensor | None, module: nn.Module | None, method: str, make_
     chains = _CHAINS.setdefault(model, {})
     chain = chains.get((name, identity))
     if chain is None:
-        chain = chains[name, identity] = Chain(model, name, blocks, method, make_policy(), forecast)
+        chain = chains[name, identity] = Chain(model, name, blocks, method, make_policy(), getattr(cfg, "forecast", 0),
+                                               getattr(cfg, "compute_first", 0), getattr(cfg, "compute_last", 0))
         if not any(not isinstance(r, BlockGraph) for r in runtimes_of(model)):
             watch_timestep(model)  # the forward itself is not compiled: keep its timestep for the blocks
     return chain
@@ -453,8 +459,7 @@ def build(gm: fx.GraphModule, config, module: nn.Module | None, compile_fn: Call
     fn = compile_fn()
 
     def make_chain(param):
-        return chain_for(param, module, method.name, lambda: method.chain_policy(cfg, PROBE),
-                         getattr(cfg, "forecast", 0), method.uuid(cfg))
+        return chain_for(param, module, method.name, lambda: method.chain_policy(cfg, PROBE), cfg, method.uuid(cfg))
 
     return BlockGraph(fn, streams, make_chain, config, [method.name], time.perf_counter() - start)
 

@@ -282,3 +282,19 @@ def test_a_failure_in_the_chain_runs_the_blocks_plain_with_one_warning(monkeypat
     said = [str(w.message) for w in caught if "injected" in str(w.message)]
     assert len(said) == 1 and "the block chain" in said[0]
     assert any("injected" in f for f in ditopt.stats(model)["fallbacks"])
+
+
+def test_compute_first_and_last_bound_the_chained_spans():
+    """The method's compute_first / compute_last hold across block graphs: those blocks always compute, and the
+    span between them is skipped exactly."""
+    options = {**FORCED, "adacache": {**FORCED["adacache"], "compute_first": 2, "compute_last": 1}}
+    model = compile_blocks(ConventionDiT(depth=5), options)
+    got = convention_loop(model)
+    assert chain_stats(model)["spans"] == [[2, 3]]
+    decisions = [g["adacache"]["decisions"] for g in ditopt.stats(model)["generations"]]
+    assert "S" in decisions[-1]
+    eager = ConventionDiT(depth=5)
+    eager.load_state_dict(model.state_dict())
+    want = replay_with_spans(eager, eager.blocks, convention_loop, decisions, [[2, 3]])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
