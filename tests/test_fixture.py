@@ -108,3 +108,28 @@ def test_an_interrupted_training_continues_where_it_stopped(tmp_path):
     assert whole.keys() == parts.keys()
     for k in whole:
         torch.testing.assert_close(parts[k], whole[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "unipc"])
+def test_the_samplers_run_their_steps_with_a_shift_and_ditopt_sees_one_generation(sampler):
+    """Flow-matching Euler and UniPC (Wan's), shifted toward high noise: the model is called once per step with
+    falling timesteps, the shift spends more of them at high noise, and ditopt counts one generation of all of
+    them (skipping in it)."""
+    import ditopt
+
+    model = fixture.load_fixture()
+    seen = {}
+    for shift in (1.0, 3.0):
+        ts = seen[shift] = []
+        with torch.no_grad():
+            fixture.sample(model, list(fixture.PROMPTS[:1]), steps=20, sampler=sampler, shift=shift,
+                           on_step=lambda t: ts.append(float(t)))
+    assert len(seen[1.0]) == len(seen[3.0]) == 20
+    assert all(a > b for a, b in zip(seen[3.0], seen[3.0][1:]))
+    assert seen[3.0][10] > seen[1.0][10]  # the shift keeps the middle step at higher noise
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="ditopt", options={"lowering": "eager"})
+    with torch.no_grad():
+        out = fixture.sample(fn, list(fixture.PROMPTS[:1]), steps=20, sampler=sampler, shift=3.0)
+    (gen,) = ditopt.stats(model)["generations"]
+    assert torch.isfinite(out).all() and gen["steps"] == 20 and gen["blocks_skipped"] > 0

@@ -68,7 +68,8 @@ def _sampler(args, prompts: int, prompt_start: int = 0, cfg_batched: bool = True
 
         def loop(seed):
             return lambda fn: fixture.sample(fn, chosen, seed=seed, steps=args.steps, cfg_batched=cfg_batched,
-                                             spec=spec, on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
+                                             spec=spec, sampler=args.sampler, shift=args.shift,
+                                             on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
         return load(), loop, f"{args.model}, prompts {prompt_start}..{prompt_start + prompts - 1}"
     case = models.build(args.model, args.size)
     latent = "x" if args.model == "stdit" else "hidden_states"
@@ -92,7 +93,8 @@ def _bench(args) -> int:
     seeds = args.seeds or [args.seed]
     model, loop, _ = _sampler(args, args.batch, args.prompt_start)
     if args.model in FIXTURES:
-        title = (f"{args.model} (WanTransformer3DModel), {args.steps} steps, prompts {args.prompt_start}.."
+        title = (f"{args.model} (WanTransformer3DModel), {args.steps} {args.sampler} steps (shift {args.shift:g}), "
+                 f"prompts {args.prompt_start}.."
                  f"{args.prompt_start + args.batch - 1} with CFG")
     else:
         title = f"{args.model} ({args.size}), {args.steps} steps, batch {args.batch}"
@@ -201,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_inspect)
     b = sub.add_parser("bench", help="time, FLOPs and fidelity of configurations side by side")
     b.add_argument("--model", default="fixture", choices=(*FIXTURES, *FAMILIES))
+    b.add_argument("--sampler", choices=("euler", "unipc"), default="euler",
+                   help="fixtures: flow-matching Euler or UniPC (as Wan's pipelines; default euler)")
+    b.add_argument("--shift", type=float, default=1.0, help="fixtures: the sampler's sigma shift (default 1)")
     b.add_argument("--size", choices=SIZES, default="tiny")
     b.add_argument("--configs", nargs="+", default=["eager", "inductor", "lossless", "quality", "balanced", "fast",
                                                      "asymrnr", "toca", "fbcache", "pab", "fastercache",
@@ -222,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=_bench)
     c = sub.add_parser("calibrate", help="an AdaCache codebook for a target speed-up, from full-compute runs")
     c.add_argument("--model", default="fixture", choices=(*FIXTURES, *FAMILIES))
+    c.add_argument("--sampler", choices=("euler", "unipc"), default="euler",
+                   help="fixtures: flow-matching Euler or UniPC (as Wan's pipelines; default euler)")
+    c.add_argument("--shift", type=float, default=1.0, help="fixtures: the sampler's sigma shift (default 1)")
     c.add_argument("--size", choices=SIZES, default="tiny")
     c.add_argument("--target", type=float, default=2.0, help="target speed-up (fraction of steps computed ~ 1/target)")
     c.add_argument("--steps", type=int, default=30)
@@ -231,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("tune", help="the fastest configuration whose worst-seed PSNR (or SSIM) against full "
                                     "compute meets a budget, searched over every method (docs/tune.md)")
     t.add_argument("--model", default="fixture", choices=(*FIXTURES, *FAMILIES))
+    t.add_argument("--sampler", choices=("euler", "unipc"), default="euler",
+                   help="fixtures: flow-matching Euler or UniPC (as Wan's pipelines; default euler)")
+    t.add_argument("--shift", type=float, default=1.0, help="fixtures: the sampler's sigma shift (default 1)")
     t.add_argument("--size", choices=SIZES, default="tiny")
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--psnr", type=float, default=30.0, help="worst-seed PSNR floor in dB (default 30)")
