@@ -143,14 +143,15 @@ class TuneResult:
 def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tensor], budget: float = 30.0, *,
          metric: str = "psnr", cases: Sequence = (0, 1), speed: str = "flops", margin: float | None = None,
          methods: Sequence[str] = METHODS, out: str | Path | None = None, plot: str | Path | None = None,
-         progress: bool = True, depth: bool = True) -> TuneResult:
+         progress: bool = True, depth: bool = True, relative: bool = False) -> TuneResult:
     """Search ditopt's joint space for the fastest configuration whose worst case meets `budget`.
 
     `budget` is a floor on `metric` ("psnr" in dB, or "ssim") against full compute, over every case;
     `margin` is added to it when choosing: headroom for inputs the tuner did not see (None: 2 dB for PSNR,
     which kept the fixture's floors on prompts and seeds it had not seen, and 0 for SSIM; 0 chooses at the
     edge of the calibration runs).  `methods` limits the search; `depth=False` leaves out the spans that keep
-    the first and last blocks computed.  When no candidate meets the budget, the
+    the first and last blocks computed; `relative=True` searches AdaCache codebooks in thresholds relative to
+    a generation's first measured change (the `relative` option: a choice that transfers to other models).  When no candidate meets the budget, the
     closest one is returned with a warning.  `out` writes the choice as JSON, `plot` a Pareto plot (PNG)."""
     check_choice("tune metric", metric, METRICS)
     check_choice("tune speed", speed, SPEEDS)
@@ -169,7 +170,7 @@ def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tens
         raise ValueError("ditopt tune: cases must hold at least one calibration case (a seed, a prompt, ...)")
     model = getattr(model, "_orig_mod", model)  # the module itself, also when given its torch.compile wrapper
     search = _Search(model, sample_fn, metric, cases, speed, budget + margin, progress)
-    search.depths = depth
+    search.depths, search.relative = depth, relative
     try:
         search.run(methods)
     finally:
@@ -221,6 +222,7 @@ class _Search:
         self.score = {"psnr": metrics.psnr, "ssim": metrics.ssim}[metric]
         self.candidates: list[Candidate] = []
         self.depths = True  # also the ladders that keep the first (and last) blocks computed
+        self.relative = False  # AdaCache codebooks relative to a generation's first measured change
         self.notes: list[str] = []
         self.refs: list[torch.Tensor] = []
         self.full_flops = 0.0
@@ -359,15 +361,20 @@ class _Search:
         per_step = self._calibrate(method)
         if per_step is None:
             return []
-        out = []
+        out, base = [], {}
+        if method == "adacache" and self.relative:
+            first = next((v for v in per_step if v), None)
+            if first is None:
+                return []
+            per_step, base = [None if v is None else v / first for v in per_step], {"relative": True}
         for forecast in FORECASTS:
-            out += self._skip_ladder(method, per_step, {"forecast": forecast})
+            out += self._skip_ladder(method, per_step, {**base, "forecast": forecast})
         meeting = [c for c in out if self.meets(c)]
         if meeting and self.depths:
             fastest = max(meeting, key=lambda c: c.speedup(self.full_seconds)).options[method]["forecast"]
             for first, last in DEPTHS:
                 out += self._skip_ladder(method, per_step,
-                                         {"forecast": fastest, "compute_first": first, "compute_last": last})
+                                         {**base, "forecast": fastest, "compute_first": first, "compute_last": last})
         return out
 
     def _skip_ladder(self, method: str, per_step: list[float], extra: dict) -> list[Candidate]:

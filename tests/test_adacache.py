@@ -499,3 +499,33 @@ def test_compute_first_and_last_leave_those_blocks_computed(first, last, method)
         assert [s["blocks"] for s in report["spans"]] == [span]
         skipped_steps = gen[method]["decisions"].count("S")
         assert skipped_steps > 0 and gen["blocks_skipped"] == skipped_steps * len(span)
+
+
+@given(metrics=st.lists(st.floats(0.01, 0.6), min_size=6, max_size=40), scale=st.floats(0.05, 20.0))
+def test_relative_thresholds_decide_the_same_whatever_the_scale_of_the_change(metrics, scale):
+    """relative=True: a model whose changes run k times larger (or smaller) gets the same schedule."""
+    book = CODEBOOKS["opensora-30-fast"]
+
+    def at(series):
+        return lambda step, rate: series[step] * rate
+
+    scaled = [m * scale for m in metrics]
+    same = decisions_from_metrics(at(metrics), len(metrics), book, relative=True)
+    assert decisions_from_metrics(at(scaled), len(metrics), book, relative=True) == same
+
+
+def test_relative_metrics_are_the_changes_over_the_first_one_and_drive_the_codebook():
+    model = _stdit(depth=2)
+    x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    _loop(compile_ditopt(model, adacache={"codebook": NEVER, "last_steps": 0}), x, y)
+    absolute = ditopt.stats(model)["generations"][-1]["adacache"]["metrics"]
+    torch._dynamo.reset()
+    ditopt.reset(model)
+    book = {0.95: 3, math.inf: 1}  # a change below 95% of the first one computes every third step
+    _loop(compile_ditopt(model, adacache={"codebook": book, "relative": True}), x, y)
+    gen = ditopt.stats(model)["generations"][-1]["adacache"]
+    first_skip = gen["decisions"].index("S")
+    assert first_skip > 2  # the steps before it computed as the always-computing run did
+    for got, full in zip(gen["metrics"][1:first_skip], absolute[1:first_skip]):
+        assert got == pytest.approx(full / absolute[1], rel=1e-3)
+    assert next_rate(gen["metrics"][first_skip - 1], book) == 3

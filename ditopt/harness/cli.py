@@ -140,7 +140,7 @@ def _tune(args) -> int:
 
     start = time.perf_counter()
     result = tune(model, sample_fn, budget, metric=metric, cases=args.seeds, speed=args.speed, margin=args.margin,
-                  methods=args.methods or METHODS, out=args.out, plot=args.plot)
+                  methods=args.methods or METHODS, out=args.out, plot=args.plot, relative=args.relative)
     chosen = result.chosen.to_dict(result.full_seconds)
     print(json.dumps({"model": what, "steps": args.steps, "seeds": args.seeds, "metric": metric,
                       "budget": result.budget, "met": result.met, "options": result.options,
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--margin", type=float, default=None,
                    help="added to the budget when choosing: headroom for unseen prompts (default 2 dB for PSNR, 0 for SSIM)")
     t.add_argument("--methods", nargs="+", default=None, help="methods to search (default: all)")
+    t.add_argument("--relative", action="store_true",
+                   help="AdaCache thresholds relative to a generation's first change (they transfer across models)")
     t.add_argument("--speed", choices=("flops", "wall"), default="flops",
                    help="what 'fastest' means: the exact FLOP ratio (default) or measured time per generation")
     t.add_argument("--out", default="tuned.json", help="the chosen config, as JSON (default tuned.json)")

@@ -32,6 +32,10 @@ class AdaCacheConfig:
     compute_first: int = 0
     compute_last: int = 0
     joint_streams: bool = True  # calls at one timestep after the first (separate CFG passes) follow its decision
+    # Thresholds as fractions of the generation's first measured change (the metric then reads 1.0 at the first
+    # step that has one), so that a codebook chosen on one model transfers to a model whose changes run larger
+    # or smaller, as EasyCache calibrates in a generation's first steps.
+    relative: bool = False
 
     def validate(self) -> None:
         if not self.codebook:

@@ -78,16 +78,23 @@ def moreg_factor(motion: float, prev_motion: float | None, prev_rate: int, in_wi
 
 
 def decisions_from_metrics(metric_at: Callable[[int, int], float], num_steps: int, codebook: dict,
-                           first_steps: int = 2, last_steps: int = 2) -> list[bool]:
+                           first_steps: int = 2, last_steps: int = 2, relative: bool = False) -> list[bool]:
     """The compute (True) / skip (False) sequence the policy makes, given the metric a computed step
-    `s` measures after a gap of `rate` steps (metric_at(s, rate)).  Pure: used by calibration and tests."""
-    computed, next_compute, prev_rate, have_cache = [], 0, 1, False
+    `s` measures after a gap of `rate` steps (metric_at(s, rate)); `relative` as the config's.  Pure: used by
+    calibration and tests."""
+    computed, next_compute, prev_rate, have_cache, reference = [], 0, 1, False, None
     for s in range(num_steps):
         compute = s < first_steps or s >= num_steps - last_steps or s >= next_compute
         computed.append(compute)
         if not compute:
             continue
-        rate = next_rate(metric_at(s, prev_rate) / prev_rate, codebook) if have_cache else 1
+        rate = 1
+        if have_cache:
+            metric = metric_at(s, prev_rate) / prev_rate
+            if relative:
+                reference = reference if reference is not None else max(metric, 1e-12)
+                metric /= reference
+            rate = next_rate(metric, codebook)
         have_cache, prev_rate, next_compute = True, rate, s + rate
     return computed
 
@@ -99,6 +106,8 @@ class _StreamAdaState:
     prev_rate: int = 1
     cached_probe: list[torch.Tensor] | None = None
     prev_motion: float | None = None
+    reference: float | None = None  # relative thresholds: the first measured change, and its step
+    reference_step: int = -1
     metrics: list = field(default_factory=list)
     decisions: list = field(default_factory=list)
 
@@ -193,6 +202,10 @@ class AdaCachePolicy:
         rate, metric = 1, None
         if sums is not None:
             metric = self._metric(sums, st.prev_rate)
+            if self.cfg.relative:  # re-deciding the reference's own step (joint streams) takes the new value
+                if st.reference is None or st.reference_step == step:
+                    st.reference, st.reference_step = max(metric, 1e-12), step
+                metric /= st.reference
             if self.cfg.moreg:
                 motion = _mean_ratio(sums[len(self.names):])
                 lo, hi = self.cfg.moreg_window
