@@ -11,7 +11,8 @@ nothing (AdaCache's metric and TeaCache's change per step), then measures candid
 1. skip guards: AdaCache codebooks and TeaCache thresholds calibrated for rising speed-ups, each with
    forecast orders 0, 1 and 2; a ladder stops once two rungs in a row miss the budget; then, with the
    forecast order that went fastest, the same ladders with the first block, or the first and last blocks,
-   always computed (`compute_first` / `compute_last`, as DBCache's Fn / Bn);
+   always computed (`compute_first` / `compute_last`, as DBCache's Fn / Bn), and, on models of 6 blocks or
+   more, AdaCache with three spans that decide apart (`span_blocks`);
 2. tokens: ToCa (interval, ratio) on up to three skip configurations of the Pareto front that meet the
    budget, and on none; AsymRnR schedules on the best so far;
 
@@ -40,6 +41,7 @@ METHODS = ("adacache", "teacache", "toca", "asymrnr")
 SKIP_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
 FORECASTS = (1, 2, 0)
 DEPTHS = ((1, 0), (1, 1))  # (compute_first, compute_last) tried after the whole-run spans
+SPAN_MIN_BLOCKS = 6  # from this depth on, AdaCache is also tried with three spans deciding apart (span_blocks)
 # ToCa (interval, ratio), gentlest first: about 1/interval + (1 - 1/interval) * ratio of the rows computed.
 TOCA_LADDER = ((2, 0.5), (3, 0.5), (2, 0.3), (3, 0.3), (4, 0.3), (3, 0.1), (4, 0.1), (6, 0.1))
 ASYMRNR_LADDER = ((0.25, 0.1), (0.5, 0.3), (0.75, 0.5))
@@ -223,6 +225,7 @@ class _Search:
         self.candidates: list[Candidate] = []
         self.depths = True  # also the ladders that keep the first (and last) blocks computed
         self.relative = False  # AdaCache codebooks relative to a generation's first measured change
+        self.blocks = 0  # the model's blocks, read at calibration
         self.notes: list[str] = []
         self.refs: list[torch.Tensor] = []
         self.full_flops = 0.0
@@ -372,9 +375,11 @@ class _Search:
         meeting = [c for c in out if self.meets(c)]
         if meeting and self.depths:
             fastest = max(meeting, key=lambda c: c.speedup(self.full_seconds)).options[method]["forecast"]
-            for first, last in DEPTHS:
-                out += self._skip_ladder(method, per_step,
-                                         {**base, "forecast": fastest, "compute_first": first, "compute_last": last})
+            depths = [{"compute_first": first, "compute_last": last} for first, last in DEPTHS]
+            if method == "adacache" and self.blocks >= SPAN_MIN_BLOCKS:  # three spans, each on its own schedule
+                depths.append({"span_blocks": math.ceil(self.blocks / 3)})
+            for depth in depths:
+                out += self._skip_ladder(method, per_step, {**base, "forecast": fastest, **depth})
         return out
 
     def _skip_ladder(self, method: str, per_step: list[float], extra: dict) -> list[Candidate]:
@@ -413,9 +418,11 @@ class _Search:
         for case in self.cases:
             ditopt.reset(self.model)
             self._sample(fn, case)
-        series = [g[method][key] for g in ditopt.stats(self.model)["generations"] if key in g.get(method, {})]
+        stats = ditopt.stats(self.model)
+        self.blocks = max((g.get("blocks", 0) for g in stats["graphs"]), default=0)
+        series = [g[method][key] for g in stats["generations"] if key in g.get(method, {})]
         if not series:
-            why = "; ".join(dict.fromkeys(ditopt.stats(self.model)["fallbacks"])) or "no skip guard in its graphs"
+            why = "; ".join(dict.fromkeys(stats["fallbacks"])) or "no skip guard in its graphs"
             self.notes.append(f"{method} left out: {why}")
             return None
         return mean_per_step(series)

@@ -94,17 +94,22 @@ def residual_streams(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[tuple[fx
 
 
 def insert_guards(gm: fx.GraphModule, structure: DiTStructure, method: str, compute_first: int = 0,
-                  compute_last: int = 0) -> tuple[list[Span], list[dict]]:
+                  compute_last: int = 0, span_blocks: int = 0) -> tuple[list[Span], list[dict]]:
     """Guard every skippable span; returns (spans, rejected runs of blocks with why).  The first
     `compute_first` and the last `compute_last` blocks of each run always compute (DBCache's Fn and Bn
-    compute blocks): the span is what lies between."""
+    compute blocks): the span is what lies between, or, with `span_blocks`, consecutive spans of at most
+    that many blocks (each then skipped on its own decision)."""
     spans, rejected = [], []
+    pieces = []
     for run in _runs_of_adjacent_blocks(gm, structure):
         blocks = run[compute_first:len(run) - compute_last]
         if not blocks:
             rejected.append({"blocks": run, "reason": f"compute_first {compute_first} + compute_last {compute_last} "
                                                       f"leave none of its {len(run)} blocks to skip"})
             continue
+        size = span_blocks or len(blocks)
+        pieces += [blocks[i:i + size] for i in range(0, len(blocks), size)]
+    for blocks in pieces:
         nodes = nodes_between(gm.graph, structure.blocks[blocks[0]].first_node, structure.blocks[blocks[-1]].last_node)
         inside = set(nodes)
         outputs, streams = residual_streams(nodes)

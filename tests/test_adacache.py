@@ -529,3 +529,30 @@ def test_relative_metrics_are_the_changes_over_the_first_one_and_drive_the_codeb
     for got, full in zip(gen["metrics"][1:first_skip], absolute[1:first_skip]):
         assert got == pytest.approx(full / absolute[1], rel=1e-3)
     assert next_rate(gen["metrics"][first_skip - 1], book) == 3
+
+
+@settings(max_examples=4, deadline=None)
+@given(span_blocks=st.integers(1, 4), first=st.integers(0, 1))
+def test_span_blocks_give_each_span_its_own_probe_and_schedule(span_blocks, first):
+    """span_blocks=n: spans of at most n blocks, each skipped on the decisions its own probe makes; the blocks a
+    generation skipped are exactly each span's skipped steps times its size."""
+    from convention_dit import ConventionDiT
+
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    model = ConventionDiT(depth=4).eval()
+    fn = compile_ditopt(model, adacache={"codebook": {0.5: 3, math.inf: 1}, "span_blocks": span_blocks,
+                                         "compute_first": first})
+    x, ctx = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        for t in torch.linspace(999, 0, 12):
+            fn(x=x, text=ctx, t=t.reshape(1))
+    report = [r for r in ditopt.runtime.runtimes_of(model) if hasattr(r, "report")][-1].report["adacache"]
+    blocks = list(range(first, 4))
+    expected = [blocks[i:i + span_blocks] for i in range(0, len(blocks), span_blocks)]
+    assert [s["blocks"] for s in report["spans"]] == expected
+    assert report["probe"].count("span [") == len(expected)
+    (gen,) = ditopt.stats(model)["generations"]
+    per_span = gen["adacache"]["span_decisions"]
+    assert gen["blocks_skipped"] == sum(per_span[str(i)].count("S") * len(s) for i, s in enumerate(expected))
+    assert gen["blocks_skipped"] > 0

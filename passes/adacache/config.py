@@ -31,6 +31,9 @@ class AdaCacheConfig:
     # blocks): skipping acts on the blocks between.
     compute_first: int = 0
     compute_last: int = 0
+    # 0: one span per run of blocks, one schedule.  n: spans of at most n blocks, each with its own probe (its
+    # middle block) and its own schedule: deep and shallow blocks skip at their own pace.
+    span_blocks: int = 0
     joint_streams: bool = True  # calls at one timestep after the first (separate CFG passes) follow its decision
     # Thresholds as fractions of the generation's first measured change (the metric then reads 1.0 at the first
     # step that has one), so that a codebook chosen on one model transfers to a model whose changes run larger
@@ -58,6 +61,11 @@ class AdaCacheConfig:
                    for n in (self.compute_first, self.compute_last)):
             raise ValueError(f"ditopt: adacache.compute_first and compute_last must be block counts >= 0, "
                              f"got {self.compute_first!r} and {self.compute_last!r}")
+        if not isinstance(self.span_blocks, int) or isinstance(self.span_blocks, bool) or self.span_blocks < 0:
+            raise ValueError(f"ditopt: adacache.span_blocks must be a block count >= 0, got {self.span_blocks!r}")
+        if self.span_blocks and self.probe_blocks:
+            raise ValueError("ditopt: adacache.span_blocks probes each span's middle block; leave probe_blocks "
+                             "empty with it")
         if self.forecast not in (0, 1, 2):
             raise ValueError(f"ditopt: adacache.forecast must be 0 (replay), 1 (linear) or 2 (quadratic), "
                              f"got {self.forecast!r}")

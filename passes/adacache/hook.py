@@ -222,6 +222,36 @@ class AdaCachePolicy:
                 "probe_mb": round(kept / 2**20, 3)}
 
 
+class PerSpanPolicy:
+    """span_blocks: one AdaCache schedule per span, each decided from that span's own probe."""
+
+    def __init__(self, cfg: AdaCacheConfig, frames: int | None, spans: list[int], frame_tokens: int | None = None):
+        self.policies = {i: AdaCachePolicy(cfg, frames, [f"span{i}"], frame_tokens) for i in spans}
+
+    def new_state(self) -> dict:
+        return {i: p.new_state() for i, p in self.policies.items()}
+
+    def begin_call(self, call, st: dict) -> None:
+        for i, p in self.policies.items():
+            p.begin_call(call, st[i])
+
+    def should_skip(self, call, st: dict, span, probes: dict) -> bool:
+        return self.policies[span.id].should_skip(call, st[span.id], span, probes)
+
+    def end_call(self, call, st: dict, probes: dict) -> None:
+        for i, p in self.policies.items():
+            p.end_call(call, st[i], probes)
+
+    def stats(self, st: dict) -> dict:
+        """Per step: C when every span computed, S when every span skipped, P when some did; then each span's."""
+        per = {i: p.stats(st[i]) for i, p in self.policies.items()}
+        steps = zip(*(s["decisions"] for s in per.values()))
+        return {"decisions": "".join(d[0] if len(set(d)) == 1 else "P" for d in steps),
+                "span_decisions": {str(i): s["decisions"] for i, s in per.items()},
+                "span_metrics": {str(i): s["metrics"] for i, s in per.items()},
+                "probe_mb": round(sum(s["probe_mb"] for s in per.values()), 3)}
+
+
 def _mean_ratio(pairs: list) -> float:
     """The mean of num / den over [num, den] pairs read from the device (relative_l1_sums, motion_sums)."""
     return sum(num / max(den, 1e-12) for num, den in pairs) / len(pairs)
@@ -250,7 +280,11 @@ def make_hook(cfg: AdaCacheConfig, lowered) -> SkipHook | str:
                          f"F x H x W grid; this model's grid is {grid}. Set adacache.moreg=False.")
     names = sorted({name.split(":")[0] for at in probes.values() for name, _ in at})
     frame_tokens = grid[1] * grid[2] if grid else None
-    return SkipHook(NAME, AdaCachePolicy(cfg, frames, names, frame_tokens), spans, probes, cfg.forecast)
+    if cfg.span_blocks:
+        policy = PerSpanPolicy(cfg, frames, [s.id for s in spans], frame_tokens)
+    else:
+        policy = AdaCachePolicy(cfg, frames, names, frame_tokens)
+    return SkipHook(NAME, policy, spans, probes, cfg.forecast)
 
 
 def chain_policy(cfg: AdaCacheConfig, probe: str) -> AdaCachePolicy:

@@ -77,15 +77,32 @@ def probes_for(gm: fx.GraphModule, structure: DiTStructure, cfg: AdaCacheConfig)
     return found, "; ".join(p.where for p in found)
 
 
+def span_probes(gm: fx.GraphModule, structure: DiTStructure, spans) -> tuple[list[Probe], str]:
+    """span_blocks: each span's own probe, its middle block's (as probes_for chooses within one block)."""
+    found = []
+    for span in spans:
+        block = structure.blocks[span.blocks[len(span.blocks) // 2]]
+        probe = _attention_probe(block) or _residual_probe(gm, block)
+        if probe is None:
+            return [], f"{block.path} (the middle of span {span.blocks}) has no attention branch or residual to probe"
+        found.append(probe)
+    return found, "; ".join(f"span {s.blocks}: {p.where}" for s, p in zip(spans, found))
+
+
 def rewrite(gm: fx.GraphModule, structure: DiTStructure, cfg: AdaCacheConfig) -> Rewrite:
-    spans, rejected = insert_guards(gm, structure, NAME, cfg.compute_first, cfg.compute_last)
-    probes, where = probes_for(gm, structure, cfg)
-    for i, probe in enumerate(probes):
+    spans, rejected = insert_guards(gm, structure, NAME, cfg.compute_first, cfg.compute_last, cfg.span_blocks)
+    if cfg.span_blocks:
+        probes, where = span_probes(gm, structure, spans)
+        names = [f"span{s.id}" for s in spans]
+    else:
+        probes, where = probes_for(gm, structure, cfg)
+        names = [f"probe{i}" for i in range(len(probes))]
+    for name, probe in zip(names, probes):
         if probe.branch is not None:
-            mark_probe(probe.branch, NAME, f"probe{i}")
+            mark_probe(probe.branch, NAME, name)
         else:
-            mark_probe(probe.block_in, NAME, f"probe{i}:in")
-            mark_probe(probe.block_out, NAME, f"probe{i}:out")
+            mark_probe(probe.block_in, NAME, f"{name}:in")
+            mark_probe(probe.block_out, NAME, f"{name}:out")
     report = {**spans_report(spans, rejected), "probe": where if probes else None}
     nothing = None
     if not spans:
