@@ -273,7 +273,7 @@ class Chain:
         """At a span's first block: skip it (returns the outputs) or note its inputs to cache its residual."""
         cache = fw.state.spans.setdefault(span[0], _SpanCache())
         wants = self.policy.should_skip(fw.call, fw.state.policy, _SpanId(span[0]), fw.state.probes)
-        if wants and cache.computed and len(cache.computed[-1][1]) == len(streams_in):
+        if wants and cache.computed and [r.shape for r in cache.computed[-1][1]] == [x.shape for x in streams_in]:
             fw.skip_to = span[1]
             residuals = forecast_residuals(cache.computed, fw.call.t)
             return graph.assemble([x + r for x, r in zip(streams_in, residuals)])
