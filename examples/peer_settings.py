@@ -1,6 +1,6 @@
 """diffusers' caches and cache-dit's DBCache at their best measured settings on the fixture, for the bench.
 
-    python examples/peer_settings.py [--seeds 0 1] [--prompt-start 0]
+    python examples/peer_settings.py [--seeds 0 1] [--prompt-start 0] [--fixture deep] [--peers dbcache seacache]
 
 Each peer runs a few settings of its main knob (hooks on the eager model, its documented use) on
 split A of examples/choose_presets.py (prompts 0-3, seeds 0 and 1; 30 steps, CFG batched); FLOPs are
@@ -39,12 +39,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--prompt-start", type=int, default=0)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--fixture", choices=("small", "deep"), default="small",
+                        help="deep: the 12-block fixture (ditopt/harness/fixture/deep.py)")
+    parser.add_argument("--peers", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args()
-    model = fixture.load_fixture()
-    prompts = list(fixture.PROMPTS[args.prompt_start: args.prompt_start + 4])
+    spec = fixture.VideoSpec()
+    if args.fixture == "deep":
+        from ditopt.harness.fixture.deep import DEEP_SPEC, load_deep
+
+        model, spec = load_deep(), DEEP_SPEC
+    else:
+        model = fixture.load_fixture()
+    prompts = list(fixture.PROMPTS[args.prompt_start: args.prompt_start + args.prompts])
 
     def generate(seed):
-        return lambda fn: fixture.sample(fn, prompts, seed=seed, steps=args.steps,
+        return lambda fn: fixture.sample(fn, prompts, seed=seed, steps=args.steps, spec=spec,
                                          on_step=lambda t: setattr(bench.CLOCK, "t", float(t)))
 
     def counted(seed):
@@ -53,9 +63,9 @@ def main() -> None:
         return out, counter.get_total_flops()
 
     full = {seed: counted(seed) for seed in args.seeds}
-    mag_ratios = bench.magcache_ratios(model, generate(args.seeds[0]))
+    mag_ratios = bench.magcache_ratios(model, generate(args.seeds[0])) if "magcache" in args.peers else None
     rows = []
-    for peer, grid in SETTINGS.items():
+    for peer, grid in ((p, SETTINGS[p]) for p in args.peers):
         for settings in grid:
             values, ratios = [], []
             for seed in args.seeds:
