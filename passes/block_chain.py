@@ -168,7 +168,6 @@ class _Forward:
     next_block: int = 0
     returned: list[Tensor] | None = None  # what the last block returned (its streams)
     skip_to: int = -1  # blocks up to this index return their input (a skipped span)
-    decision: bool | None = None
 
 
 class Chain:
