@@ -702,6 +702,11 @@ def explain(model: torch.nn.Module) -> str:
     for reason in dict.fromkeys(s["fallbacks"]):
         lines.append(f"  not accelerated: {reason}")
     for g in accelerated:
+        if "chained_blocks" in g:  # blocks compiled one by one (passes/block_chain.py)
+            spans = "; ".join(f"{c['list']}: spans {c['spans']}" for c in g["chained_blocks"])
+            lines.append(f"  {g['blocks']} blocks compiled one by one, skipped across their graphs ({spans}); "
+                         f"methods on: {', '.join(g['methods'])}")
+            continue
         lines.append(f"  {g['blocks']} blocks in {g['regions']} regions, {g['compiled_variants']} compiled "
                      f"variants; methods on: {', '.join(g['methods']) or 'none (lossless)'}")
     for g in accelerated[-1:]:
