@@ -375,7 +375,8 @@ class _Search:
         meeting = [c for c in out if self.meets(c)]
         if meeting and self.depths:
             fastest = max(meeting, key=lambda c: c.speedup(self.full_seconds)).options[method]["forecast"]
-            depths = [{"compute_first": first, "compute_last": last} for first, last in DEPTHS]
+            depths = [{"compute_first": first, "compute_last": last} for first, last in DEPTHS
+                      if first + last < self.blocks]  # leaving a block to skip
             if method == "adacache" and self.blocks >= SPAN_MIN_BLOCKS:  # three spans, each on its own schedule
                 depths.append({"span_blocks": math.ceil(self.blocks / 3)})
             for depth in depths:
