@@ -76,7 +76,7 @@ COMMANDS = {
     "python -m ditopt bench --model fixture --batch 4 --prompt-start 8 --seeds 4 5":
         ["--steps", "2", "--repeats", "1", "--configs", "inductor", "balanced", "--out", "{tmp}/bench_fixture"],
     "python -m ditopt bench --model fixture-deep --configs inductor balanced dbcache seacache --seeds 8 9":
-        ["--steps", "2", "--repeats", "1", "--configs", "inductor", "dbcache", "--out", "{tmp}/bench_deep"],
+        ["--steps", "2", "--repeats", "1", "--configs", "eager", "dbcache", "--out", "{tmp}/bench_deep"],
     "python -m ditopt tune --model fixture --psnr 30":
         ["--steps", "3", "--methods", "adacache", "--out", "{tmp}/tuned.json", "--plot", "{tmp}/tuned.png"],
     "python -m ditopt bench --model cogvideox --size mid --configs inductor lossless --steps 5 --no-flops":
