@@ -101,8 +101,7 @@ def _accelerate(gm, example_inputs, config, context, group, exporter, original, 
                                                                       "method": chained.methods})
                 return chained
             why = f"{why}; {chained}"
-        elif ("holds no attention" in why and block_chain.chained(_model_of(example_inputs))) or (
-                ends_at_break and not isinstance(unsupported, OneBlockGraph)):
+        elif ends_at_break or ("holds no attention" in why and block_chain.chained(_model_of(example_inputs))):
             # A forward's head cut off at a break (its blocks come in later graphs, which warn if they cannot be
             # accelerated), or a part without attention between blocks that run chained: nothing to warn of.
             exporter.write_report(structure=None, fallback=why)

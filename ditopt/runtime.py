@@ -35,6 +35,10 @@ from .method import Hook
 
 
 _GENERATION_IDS = itertools.count()
+UNCLEAR_STEPS = ("ditopt: this graph cannot tell the denoising steps of its calls apart (it takes no timestep, and "
+                 "the caller gives no diffusers cache_context step_index): every call runs as the first step of a "
+                 "generation, so nothing is skipped or reused; run the loop inside `with ditopt.generation(model):` "
+                 "to count its calls as steps")
 
 
 @dataclass
@@ -167,6 +171,20 @@ class ModelState:
     context: Any = None  # a contexts.CacheContextReader, or None
     owner: Any = None  # weak reference to the model's module where it is known (the forward-wide timestep store)
     calls: int = 0
+
+    def observe(self, t: float | None, unclear: str) -> StreamState:
+        """This call's stream and step (its clock observes the timestep `t`, the cache context it runs in, and
+        whether it runs inside `ditopt.generation`); `unclear` is the warning, given once, when none of them
+        tells the steps apart."""
+        self.calls += 1
+        name = self.context.name if self.context is not None else None
+        step_index = self.context.step_index if self.context is not None else None
+        if name is None and self.calls == 1:
+            self.context = None  # its first call ran outside a cache context: streams are counted, always
+        explicit = self.explicit
+        if t is None and step_index is None and not explicit and self.calls == 2:
+            warn_once(unclear)
+        return self.clock.observe(t, name, step_index, explicit)
 
     @property
     def explicit(self) -> bool:
@@ -319,19 +337,7 @@ class Runtime:
     def _forward(self, *args):
         self.calls += 1
         model = self.model_state(args)
-        model.calls += 1
-        t = read_timestep(args, self.timestep_slot, model.owner)
-        name = model.context.name if model.context is not None else None
-        step_index = model.context.step_index if model.context is not None else None
-        if name is None and model.calls == 1:
-            model.context = None  # its first call ran outside a cache context: streams are counted, always
-        explicit = model.explicit
-        if t is None and step_index is None and not explicit and model.calls == 2:
-            warn_once("ditopt: this graph cannot tell the denoising steps of its calls apart (it takes no "
-                      "timestep, and the caller gives no diffusers cache_context step_index): every call runs as "
-                      "the first step of a generation, so nothing is skipped or reused; run the loop inside "
-                      "`with ditopt.generation(model):` to count its calls as steps")
-        stream = model.clock.observe(t, name, step_index, explicit)
+        stream = model.observe(read_timestep(args, self.timestep_slot, model.owner), UNCLEAR_STEPS)
         call = Call(self, stream, list(args) + [None] * max(0, self.num_slots - len(args)))
         for hook in self.hooks:
             hook.begin_call(call)

@@ -153,8 +153,8 @@ def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tens
     which kept the fixture's floors on prompts and seeds it had not seen, and 0 for SSIM; 0 chooses at the
     edge of the calibration runs).  `methods` limits the search; `depth=False` leaves out the spans that keep
     the first and last blocks computed; `relative=True` searches AdaCache codebooks in thresholds relative to
-    a generation's first measured change (the `relative` option: a choice that transfers to other models).  When no candidate meets the budget, the
-    closest one is returned with a warning.  `out` writes the choice as JSON, `plot` a Pareto plot (PNG)."""
+    a generation's first measured change (the `relative` option: a choice that transfers to other models).
+    When no candidate meets the budget, the closest one is returned with a warning.  `out` writes the choice as JSON, `plot` a Pareto plot (PNG)."""
     check_choice("tune metric", metric, METRICS)
     check_choice("tune speed", speed, SPEEDS)
     unknown = [m for m in methods if m not in METHODS]
@@ -171,8 +171,7 @@ def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tens
     if not cases:
         raise ValueError("ditopt tune: cases must hold at least one calibration case (a seed, a prompt, ...)")
     model = getattr(model, "_orig_mod", model)  # the module itself, also when given its torch.compile wrapper
-    search = _Search(model, sample_fn, metric, cases, speed, budget + margin, progress)
-    search.depths, search.relative = depth, relative
+    search = _Search(model, sample_fn, metric, cases, speed, budget + margin, progress, depth, relative)
     try:
         search.run(methods)
     finally:
@@ -214,7 +213,7 @@ def _spread(front: list[Candidate], k: int) -> list[dict]:
 
 
 class _Search:
-    def __init__(self, model, sample_fn, metric, cases, speed, floor, progress):
+    def __init__(self, model, sample_fn, metric, cases, speed, floor, progress, depths=True, relative=False):
         from tqdm.auto import tqdm
 
         from .harness import metrics
@@ -223,8 +222,8 @@ class _Search:
         self.speed, self.floor = speed, floor
         self.score = {"psnr": metrics.psnr, "ssim": metrics.ssim}[metric]
         self.candidates: list[Candidate] = []
-        self.depths = True  # also the ladders that keep the first (and last) blocks computed
-        self.relative = False  # AdaCache codebooks relative to a generation's first measured change
+        self.depths = depths  # also the ladders that keep the first (and last) blocks computed
+        self.relative = relative  # AdaCache codebooks relative to a generation's first measured change
         self.blocks = 0  # the model's blocks, read at calibration
         self.notes: list[str] = []
         self.refs: list[torch.Tensor] = []

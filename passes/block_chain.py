@@ -45,11 +45,15 @@ from ditopt.diagnostics import failure_reason, warn_once
 from ditopt.method import tensor_bytes
 from ditopt.runtime import _FORWARD_TIMESTEP, _RUNTIME_IDS, Call, ModelState, counted, model_of, read_timestep, runtimes_of
 
-from .skipping import forecast_residuals, residual_source
+from .skipping import forecast_residuals, keep_residuals, residual_source
 
 FIRST_COMPUTED = 1  # at least this many blocks at the head of the list always compute (the probe is their residual)
 PROBE = "first_blocks_residual"
 TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
+UNCLEAR_STEPS = ("ditopt: the blocks compiled one by one cannot tell the denoising steps of their model's forwards "
+                 "apart (no timestep argument was seen, and the caller gives no diffusers cache_context step_index): "
+                 "every forward runs as the first step of a generation, so nothing is skipped; run the loop inside "
+                 "`with ditopt.generation(model):` to count forwards as steps")
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,7 @@ class Chain:
             self.blocks_run += 1
             stats.blocks_computed += 1
             self._computed(fw, k, span, graph.outputs_of(out), streams_in)
-        fw.returned = graph.outputs_of(out)
+        fw.returned = list(out)
         if k == self.length - 1:
             self._end(fw)
         return out
@@ -245,20 +249,7 @@ class Chain:
         if not at_first_block:
             self.forward = None
             return None
-        model = self.model
-        model.calls += 1
-        t = read_timestep((), None, model.owner)
-        name = model.context.name if model.context is not None else None
-        step_index = model.context.step_index if model.context is not None else None
-        if name is None and model.calls == 1:
-            model.context = None  # its first forward ran outside a cache context: streams are counted
-        explicit = model.explicit
-        if t is None and step_index is None and not explicit and model.calls == 2:
-            warn_once("ditopt: the blocks compiled one by one cannot tell the denoising steps of their model's "
-                      "forwards apart (no timestep argument was seen, and the caller gives no diffusers "
-                      "cache_context step_index): every forward runs as the first step of a generation, so nothing "
-                      "is skipped; run the loop inside `with ditopt.generation(model):` to count forwards as steps")
-        stream = model.clock.observe(t, name, step_index, explicit)
+        stream = self.model.observe(read_timestep((), None, self.model.owner), UNCLEAR_STEPS)
         call = Call(self, stream, [])
         st = stream.state.get(self.method)
         if st is None:
@@ -289,8 +280,7 @@ class Chain:
         if span is not None and span[1] == k:
             cache = st.spans.get(span[0])
             if cache is not None and cache.inputs is not None:
-                cache.computed.append((fw.call.t, [o - x for o, x in zip(outputs, cache.inputs)]))
-                del cache.computed[:-(self.forecast + 1)]
+                keep_residuals(cache.computed, fw.call.t, [o - x for o, x in zip(outputs, cache.inputs)], self.forecast)
                 cache.inputs = None
 
     def _end(self, fw: _Forward) -> None:

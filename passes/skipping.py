@@ -201,6 +201,12 @@ def extrapolation_weights(ts: list[float], t: float) -> list[float] | None:
     return weights
 
 
+def keep_residuals(points: list, t: float | None, residuals: list[Tensor], forecast: int) -> None:
+    """Add a computed step's residuals to a span's history, keeping the forecast + 1 newest."""
+    points.append((t, residuals))
+    del points[:-(forecast + 1)]
+
+
 def forecast_residuals(points: list[tuple[float | None, list[Tensor]]], t: float | None) -> list[Tensor]:
     """What a skipped span adds to its inputs, from its last computed steps [(t, residual per stream)], newest
     last: the last residual, or (forecast) the polynomial through them, in the timestep, evaluated at t."""
@@ -321,7 +327,8 @@ class SkipHook(Hook):
         wants = self.policy.should_skip(call, st.policy, span, st.probes)  # the policy sees every step
         if not wants or span.id not in st.computed or (span.side_slots and span.id not in st.side):
             return None
-        for (_, dst), x, residual in zip(span.streams, st.inputs.pop(span.id), self._residuals(st, span.id, call.t)):
+        residuals = forecast_residuals(st.computed[span.id], call.t)
+        for (_, dst), x, residual in zip(span.streams, st.inputs.pop(span.id), residuals):
             call.values[dst] = x + residual
         for slot, value in zip(span.side_slots, st.side.get(span.id, ())):
             call.values[slot] = value
@@ -337,15 +344,10 @@ class SkipHook(Hook):
             st.inputs.pop(span.id)  # shed under the memory budget: this span always computes
         elif span is not None and span.id in st.inputs:
             residuals = [call.values[dst] - x for (_, dst), x in zip(span.streams, st.inputs.pop(span.id))]
-            kept = st.computed.setdefault(span.id, [])
-            kept.append((call.t, residuals))
-            del kept[:-(self.forecast + 1)]
+            keep_residuals(st.computed.setdefault(span.id, []), call.t, residuals, self.forecast)
             if span.side_slots:
                 st.side[span.id] = [call.values[slot] for slot in span.side_slots]
         return None
-
-    def _residuals(self, st: SkipState, span: int, t: float | None) -> list[Tensor]:
-        return forecast_residuals(st.computed[span], t)
 
     def end_call(self, call) -> None:
         st = call.state(self)

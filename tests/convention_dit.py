@@ -107,3 +107,53 @@ class ConventionDiT(nn.Module, CacheMixin):
         if self.channels_last:
             return out.permute(0, 1, 2, 5, 3, 6, 4).reshape(b, f, h, w, c)
         return out.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, f, h, w)
+
+
+# -- calling it as a sampler would (tests/test_conventions.py, tests/test_block_chain.py) ---------------------
+
+STEPS = 10
+
+
+def latent(model: ConventionDiT, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, 2, 8, 8, model.channels) if model.channels_last else (batch, model.channels, 2, 8, 8)
+    return torch.randn(*shape, generator=gen)
+
+
+def text(seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 5, 16, generator=torch.Generator().manual_seed(100 + seed))
+
+
+def schedule(convention: str) -> list[float]:
+    falling = torch.linspace(999, 0, STEPS).tolist()
+    return {"falling": falling, "rising": [999 - t for t in falling], "sigma": [t / 1000 for t in falling],
+            "integer": [float(int(t)) for t in falling]}[convention]
+
+
+def timestep_input(model: ConventionDiT, value: float, x: torch.Tensor):
+    if model.timestep == "token":
+        tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2) if not model.channels_last else \
+            x.shape[1] * (x.shape[2] // 2) * (x.shape[3] // 2)
+        t = torch.full((x.shape[0], tokens), value)
+        t[:, : tokens // 4] = 0.0  # the conditioning frame's tokens, as Wan 2.2 TI2V gives them
+        return {"t": t}
+    if model.timestep == "embedded":
+        with torch.no_grad():
+            return {"temb": model.embed_time(torch.full((x.shape[0],), value))}
+    return {"t": torch.full((x.shape[0],), value)}
+
+
+def run_generation(fn, model, convention: str, seed: int = 0, steps: int = STEPS, step_index: bool = False):
+    """An Euler-like loop; returns every step's model output."""
+    x, ctx, outs = latent(model, seed), text(seed), []
+    with torch.no_grad():
+        for i, t in enumerate(schedule(convention)[:steps]):
+            inputs = dict(x=x, text=ctx, **timestep_input(model, t, x))
+            if step_index:
+                with model.cache_context("cond", step_index=i, num_inference_steps=STEPS):
+                    out = fn(**inputs)
+            else:
+                out = fn(**inputs)
+            outs.append(out)
+            x = x - out / STEPS
+    return outs

@@ -13,9 +13,8 @@ import torch
 import ditopt
 from ditopt.runtime import count_flops, runtimes_of
 
-from convention_dit import ConventionDiT
+from convention_dit import STEPS, ConventionDiT, run_generation
 
-STEPS = 10
 FORCED = {"preset": "lossless", "lowering": "eager", "adacache": {"codebook": {1e9: 3}}}  # skip when allowed
 NEVER = {"preset": "lossless", "lowering": "eager", "adacache": {"codebook": {1e9: 1}}}  # decide, never skip
 
@@ -182,22 +181,8 @@ def test_a_graph_break_before_the_blocks_leaves_them_skippable():
 
 
 def convention_loop(model, step_index: bool = False):
-    gen = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 4, 2, 8, 8, generator=gen), torch.randn(1, 5, 16, generator=gen)
-    outs = []
-    with torch.no_grad():
-        for i, t in enumerate(torch.linspace(999, 0, STEPS).tolist()):
-            inputs = dict(x=x, text=ctx)
-            inputs.update({"temb": model.embed_time(torch.tensor([t]))} if model.timestep == "embedded"
-                          else {"t": torch.tensor([t])})
-            if step_index:
-                with model.cache_context("cond", step_index=i, num_inference_steps=STEPS):
-                    out = model(**inputs)
-            else:
-                out = model(**inputs)
-            outs.append(out)
-            x = x - out / STEPS
-    return outs
+    """A 10-step loop of the model itself, falling timesteps (tests/convention_dit.py)."""
+    return run_generation(model, model, "falling", step_index=step_index)
 
 
 def compile_blocks(model, options):
