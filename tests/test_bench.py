@@ -210,3 +210,23 @@ def test_cache_dit_runs_as_a_peer_with_a_fresh_context_each_generation():
     with torch.no_grad():  # its hooks are gone: the model computes what it computed before
         torch.testing.assert_close(fixture.sample(model, prompts, seed=0, steps=12),
                                    fixture.sample(fixture.load_fixture(), prompts, seed=0, steps=12), rtol=0, atol=0)
+
+
+def test_a_diffusers_peer_starts_each_generation_fresh_as_a_pipeline_call_does(monkeypatch):
+    """Without the reset a pipeline makes after each call, SeaCache read the next generation's first step as a
+    jump in its trajectory ("non-adjacent scheduler steps; running full"); with it, no step is forced full
+    and the same seed gives the same output twice."""
+    from diffusers.hooks import sea_cache
+
+    fail_open = []
+    monkeypatch.setattr(sea_cache.SeaCacheSharedState, "mark_fail_open", lambda self, message: fail_open.append(message))
+    model = fixture.load_fixture()
+    prompts = ["red square moving left"]
+    with torch.no_grad(), bench.peer_enabled(model, "seacache", {"threshold": 0.4}) as refresh:
+        outs = []
+        for _ in range(2):
+            refresh()
+            outs.append(fixture.sample(model, prompts, seed=0, steps=12,
+                                       on_step=lambda t: setattr(bench.CLOCK, "t", float(t))))
+    assert fail_open == []
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

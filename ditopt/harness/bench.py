@@ -260,13 +260,14 @@ def enable_dbcache(model: torch.nn.Module, settings: dict | None = None,
 @contextlib.contextmanager
 def peer_enabled(model: torch.nn.Module, peer: str, settings: dict | None = None, cfg_batched: bool = True,
                  mag_ratios: list[float] | None = None):
-    """A peer's hooks on `model` inside the block; yields what to call before each generation (cache-dit's
-    context refresh; nothing for diffusers' caches, which reset themselves at a new generation)."""
+    """A peer's hooks on `model` inside the block; yields what to call before each generation: cache-dit's
+    context refresh, or the reset of diffusers' cache state that a pipeline makes at the end of each call
+    (`maybe_free_model_hooks`; without it SeaCache reads the next generation's first step as a jump)."""
     if peer == CACHE_DIT:
         refresh, disable = enable_dbcache(model, settings, cfg_batched)
     else:
         model.enable_cache(peer_config(peer, CLOCK, cfg_batched, mag_ratios, settings))
-        refresh, disable = (lambda: None), model.disable_cache
+        refresh, disable = model._reset_stateful_cache, model.disable_cache
     try:
         yield refresh
     finally:
