@@ -103,6 +103,10 @@ def test_plot_has_one_point_per_configuration_with_a_speedup_lossless_included(t
     assert {y for x, y in points if x == exact} == {1.0, 1.02}  # infinite and 131.8 dB share the exact column
     assert (24.8, 2.9) in [(round(float(x), 2), round(float(y), 2)) for x, y in points]
     assert "exact" in ax.get_xticklabels()[-1].get_text()
+    spelled = 'ditopt:{"preset": "lossless", "adacache": {"codebook": {"0.086": 6, "inf": 1}, "forecast": 1}}'
+    fig = bench.plot([*rows, row(spelled, 2.6, 26.2)], "fixture")
+    assert "[1]" in [t.get_text() for t in fig.axes[0].texts] and spelled not in [t.get_text() for t in fig.axes[0].texts]
+    assert [" ".join(t.get_text().split()) for t in fig.texts] == [f"[1] {spelled}"]  # listed whole, under the axes
     bench.write(rows, tmp_path, "fixture")
     assert json.loads((tmp_path / "bench.json").read_text())[0]["psnr_db"] is None  # strict JSON
     assert (tmp_path / "bench.png").stat().st_size > 10_000

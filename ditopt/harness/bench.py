@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import statistics
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -624,6 +625,9 @@ def targets(results: list[Result]) -> list[str]:
 EXACT_DB = 60.0  # PSNR at or above this (or infinite: identical output) is drawn in the "exact" column
 
 
+LABEL_CHARS = 40  # longer configuration names are numbered on the plot and listed under it
+
+
 def plot(results: list[Result], title: str):
     """Speed-up against Inductor over PSNR against full compute, every configuration with a speed-up, as a
     matplotlib figure.  Outputs at or above EXACT_DB (lossless, full compute) share one "exact" column
@@ -637,29 +641,37 @@ def plot(results: list[Result], title: str):
     finite = [r.psnr_db for r in rows if r.psnr_db < EXACT_DB]
     lo = math.floor(min(finite, default=EXACT_DB - 10)) - 1
     exact_x = max(finite, default=lo + 10) + 4
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    # a configuration with its settings spelled out (ditopt:{...}) is a numbered point, named under the axes
+    long = [r.config for r in rows if len(r.config) > LABEL_CHARS]
+    notes = [textwrap.fill(f"[{i}] {name}", 150, subsequent_indent="     ") for i, name in enumerate(long, 1)]
+    note_lines = sum(n.count("\n") + 1 for n in notes)
+    fig, ax = plt.subplots(figsize=(8, 5 + 0.14 * note_lines), dpi=120)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="Inductor, full compute")
     in_exact = 0
-    for i, r in enumerate(sorted(rows, key=lambda r: (r.psnr_db, r.speedup_vs_inductor))):
+    for r in sorted(rows, key=lambda r: (r.psnr_db, r.speedup_vs_inductor)):
         exact = r.psnr_db >= EXACT_DB
         x = exact_x if exact else r.psnr_db
         ours = r.how.startswith("ditopt")
         ax.scatter([x], [r.speedup_vs_inductor], color="#1f77b4" if ours else "#ff7f0e", zorder=3)
-        offset = (6, 10 - 11 * in_exact) if exact else (6, 8 if i % 2 else -12)  # the exact column: a list
+        offset = (6, 10 - 11 * in_exact) if exact else (6, -3)  # right of its point; the exact column: a list
         in_exact += exact
-        ax.annotate(r.config, (x, r.speedup_vs_inductor), xytext=offset, textcoords="offset points", fontsize=8)
+        label = f"[{long.index(r.config) + 1}]" if r.config in long else r.config
+        ax.annotate(label, (x, r.speedup_vs_inductor), xytext=offset, textcoords="offset points", fontsize=8)
     ticks = [t for t in ax.get_xticks() if lo <= t < exact_x - 2]
     ax.set_xticks([*ticks, exact_x], [f"{t:g}" for t in ticks] + [f"exact\n(>= {EXACT_DB:g})"])
     ax.set_xlim(lo, exact_x + 3)
     ax.set_ylim(0, max([r.speedup_vs_inductor for r in rows] + [1.0]) * 1.15)
     ax.set_xlabel("PSNR against full compute (dB)")
     ax.set_ylabel("speed-up against Inductor")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=10)
     ax.scatter([], [], color="#1f77b4", label="ditopt")
-    ax.scatter([], [], color="#ff7f0e", label="full compute / diffusers caches")
+    ax.scatter([], [], color="#ff7f0e", label="full compute / peer caches")
     ax.legend(fontsize=8, loc="lower center")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    bottom = 0.14 * note_lines / (5 + 0.14 * note_lines) if notes else 0.0
+    if notes:
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=6, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, bottom + (0.02 if notes else 0), 1, 1))
     return fig
 
 
