@@ -154,7 +154,8 @@ def tune(model: torch.nn.Module, sample_fn: Callable[[Callable, Any], torch.Tens
     edge of the calibration runs).  `methods` limits the search; `depth=False` leaves out the spans that keep
     the first and last blocks computed; `relative=True` searches AdaCache codebooks in thresholds relative to
     a generation's first measured change (the `relative` option: a choice that transfers to other models).
-    When no candidate meets the budget, the closest one is returned with a warning.  `out` writes the choice as JSON, `plot` a Pareto plot (PNG)."""
+    When no candidate meets the budget, the closest one is returned with a warning.  `out` writes the choice
+    as JSON, `plot` a Pareto plot (PNG)."""
     check_choice("tune metric", metric, METRICS)
     check_choice("tune speed", speed, SPEEDS)
     unknown = [m for m in methods if m not in METHODS]

@@ -644,8 +644,8 @@ def plot(results: list[Result], title: str):
     # a configuration with its settings spelled out (ditopt:{...}) is a numbered point, named under the axes
     long = [r.config for r in rows if len(r.config) > LABEL_CHARS]
     notes = [textwrap.fill(f"[{i}] {name}", 150, subsequent_indent="     ") for i, name in enumerate(long, 1)]
-    note_lines = sum(n.count("\n") + 1 for n in notes)
-    fig, ax = plt.subplots(figsize=(8, 5 + 0.14 * note_lines), dpi=120)
+    notes_height = 0.14 * sum(n.count("\n") + 1 for n in notes)  # inches under the axes
+    fig, ax = plt.subplots(figsize=(8, 5 + notes_height), dpi=120)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="Inductor, full compute")
     in_exact = 0
     for r in sorted(rows, key=lambda r: (r.psnr_db, r.speedup_vs_inductor)):
@@ -668,10 +668,11 @@ def plot(results: list[Result], title: str):
     ax.scatter([], [], color="#ff7f0e", label="full compute / peer caches")
     ax.legend(fontsize=8, loc="lower center")
     ax.grid(alpha=0.3)
-    bottom = 0.14 * note_lines / (5 + 0.14 * note_lines) if notes else 0.0
     if notes:
         fig.text(0.01, 0.01, "\n".join(notes), fontsize=6, va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, bottom + (0.02 if notes else 0), 1, 1))
+        fig.tight_layout(rect=(0, notes_height / (5 + notes_height) + 0.02, 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 
