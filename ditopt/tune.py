@@ -13,8 +13,10 @@ nothing (AdaCache's metric and TeaCache's change per step), then measures candid
    forecast order that went fastest, the same ladders with the first block, or the first and last blocks,
    always computed (`compute_first` / `compute_last`, as DBCache's Fn / Bn), and, on models of 6 blocks or
    more, AdaCache with three spans that decide apart (`span_blocks`);
-2. tokens: ToCa (interval, ratio) on up to three skip configurations of the Pareto front that meet the
-   budget, and on none; AsymRnR schedules on the best so far;
+2. tokens: ToCa (interval, ratio) alone and on up to three skip configurations of the Pareto front that
+   meet the budget (forecasting at order 0 or 1), each ladder with the score, the reference's attention
+   score or the rows' age alone, that kept more of the metric on its gentlest rung; AsymRnR schedules on
+   the best so far;
 
 and keeps the fastest whose worst case meets the budget.  Speed is the FLOP ratio against full compute
 (counted exactly: candidates run with the eager lowering, which makes the same decisions as Inductor) or,
@@ -44,6 +46,12 @@ DEPTHS = ((1, 0), (1, 1))  # (compute_first, compute_last) tried after the whole
 SPAN_MIN_BLOCKS = 6  # from this depth on, AdaCache is also tried with three spans deciding apart (span_blocks)
 # ToCa (interval, ratio), gentlest first: about 1/interval + (1 - 1/interval) * ratio of the rows computed.
 TOCA_LADDER = ((2, 0.5), (3, 0.5), (2, 0.3), (3, 0.3), (4, 0.3), (3, 0.1), (4, 0.1), (6, 0.1))
+# ToCa's row scores tried on each ladder's gentlest rung: the reference's attention score, and none (the rows
+# computed longest ago go first), which kept 3 to 8 dB more on the deep fixture (docs/benchmarks.md)
+TOCA_SCORES = ("auto", "none")
+# ToCa's bases forecast skipped blocks at this order at most: its partial steps perturb the residuals a
+# forecast extrapolates, and order 2 amplifies that (on the deep fixture 22.3 dB against 27.8 at order 1)
+TOCA_BASE_MAX_FORECAST = 1
 ASYMRNR_LADDER = ((0.25, 0.1), (0.5, 0.3), (0.75, 0.5))
 MISSES_TO_STOP = 2
 REFINE_STEPS = 2  # bisection steps between a skip ladder's last rung that meets the budget and the next
@@ -196,6 +204,11 @@ def _with(base: dict | None, **sections) -> dict:
     return options
 
 
+def _forecast(options: dict) -> int:
+    """The forecast order of a skip configuration's guard (0 where it has none)."""
+    return max((options[m].get("forecast", 0) for m in ("adacache", "teacache") if m in options), default=0)
+
+
 def _pareto(cands: list[Candidate], full_seconds: float | None) -> list[Candidate]:
     """The candidates no other beats on both speed and the metric, by rising metric."""
     front = []
@@ -250,9 +263,7 @@ class _Search:
             if method in methods:
                 skip += self.skip_ladders(method)
         if "toca" in methods:
-            bases = [None, *_spread(_pareto([c for c in skip if self.meets(c)], self.full_seconds), 3)]
-            for base in bases:
-                self.ladder("toca", [_with(base, toca={"interval": i, "ratio": r}) for i, r in TOCA_LADDER])
+            self.toca_stage(skip)
         if "asymrnr" in methods:
             best = self.best()
             self.ladder("asymrnr", [_with(best and best.options, asymrnr={"q_ratio": q, "kv_ratio": kv})
@@ -357,6 +368,23 @@ class _Search:
             if misses >= MISSES_TO_STOP:
                 break
         return out
+
+    def toca_stage(self, skip: list[Candidate]) -> None:
+        """ToCa alone, then on up to three skip configurations of the front that forecast at order <= 1."""
+        bases = [c for c in skip if self.meets(c) and _forecast(c.options) <= TOCA_BASE_MAX_FORECAST]
+        for base in [None, *_spread(_pareto(bases, self.full_seconds), 3)]:
+            self.toca_ladder(base)
+
+    def toca_ladder(self, base: dict | None) -> list[Candidate]:
+        """ToCa's ladder on `base`, with the score that kept more of the metric on the gentlest rung."""
+        (interval, ratio), rest = TOCA_LADDER[0], TOCA_LADDER[1:]
+        first = [self.measure(_with(base, toca={"interval": interval, "ratio": ratio, "score": score}), "toca")
+                 for score in TOCA_SCORES]
+        if not any(self.meets(c) for c in first):
+            return first
+        score = max(zip(first, TOCA_SCORES), key=lambda pair: pair[0].worst)[1]
+        return first + self.ladder("toca", [_with(base, toca={"interval": i, "ratio": r, "score": score})
+                                            for i, r in rest])
 
     # -- skip guards -------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from ditopt.harness import cli, fixture
 from ditopt.harness.metrics import psnr
 from ditopt.passes.teacache.hook import teacache_decisions
 from ditopt.runtime import count_flops
-from ditopt.tune import Candidate, _pareto, teacache_threshold, tune
+from ditopt.tune import TOCA_LADDER, Candidate, _pareto, _Search, teacache_threshold, tune
 
 STEPS = 12
 PROMPTS = list(fixture.PROMPTS[:1])
@@ -150,3 +150,42 @@ def test_importing_ditopt_alone_counts_attention_flops_on_the_cpu():
             "print(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in flop_registry)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"  # tune, fidelity and every FLOP ratio see attention without the bench
+
+
+class _Scripted(_Search):
+    """A search whose candidates score by a rule of their options instead of running a model."""
+
+    def __init__(self, rule, floor):
+        super().__init__(None, None, "psnr", [0], "flops", floor, progress=False)
+        self.rule = rule
+
+    def measure(self, options, stage):
+        cand = Candidate(options, stage, [self.rule(options)], 0.5)
+        self.candidates.append(cand)
+        return cand
+
+
+@pytest.mark.parametrize("better", ["auto", "none"])
+def test_toca_runs_on_bases_forecasting_at_order_1_at_most_with_the_score_that_kept_more(better):
+    codebook = {"0.1": 2, "inf": 1}
+    skip = [Candidate({"preset": "lossless", "adacache": {"codebook": codebook, "forecast": order, "tag": tag}},
+                      "adacache", [worst], ratio)
+            for tag, order, worst, ratio in [("q", 2, 44.0, 0.45), ("l", 1, 40.0, 0.5), ("r", 0, 36.0, 0.4),
+                                             ("miss", 1, 20.0, 0.3)]]
+
+    def rule(options):  # the better score keeps 3 dB more; each rung costs 1 dB
+        base = options.get("adacache", {}).get("tag")
+        start = {None: 45.0, "q": 44.0, "l": 40.0, "r": 36.0}[base]
+        toca = options["toca"]
+        return start - TOCA_LADDER.index((toca["interval"], toca["ratio"])) - (toca["score"] != better) * 3.0
+
+    search = _Scripted(rule, floor=30.0)
+    search.toca_stage(skip)
+    by_base = {}
+    for cand in search.candidates:
+        by_base.setdefault(cand.options.get("adacache", {}).get("tag"), []).append(cand.options["toca"])
+    assert set(by_base) == {None, "l", "r"}  # not the order-2 forecast, nor the base under the floor
+    for base, tocas in by_base.items():
+        assert {t["score"] for t in tocas[:2]} == {"auto", "none"}  # both scores on the gentlest rung
+        assert all((t["interval"], t["ratio"]) == TOCA_LADDER[0] for t in tocas[:2])
+        assert tocas[2:] and all(t["score"] == better for t in tocas[2:])  # the rest with the one that kept more
