@@ -47,7 +47,7 @@ SPAN_MIN_BLOCKS = 6  # from this depth on, AdaCache is also tried with three spa
 # ToCa (interval, ratio), gentlest first: about 1/interval + (1 - 1/interval) * ratio of the rows computed.
 TOCA_LADDER = ((2, 0.5), (3, 0.5), (2, 0.3), (3, 0.3), (4, 0.3), (3, 0.1), (4, 0.1), (6, 0.1))
 # ToCa's row scores tried on each ladder's gentlest rung: the reference's attention score, and none (the rows
-# computed longest ago go first), which kept 3 to 8 dB more on the deep fixture (docs/benchmarks.md)
+# computed longest ago go first), which kept 1.2 to 2.8 dB more at interval 2 on the deep fixture (docs/benchmarks.md)
 TOCA_SCORES = ("auto", "none")
 # ToCa's bases forecast skipped blocks at this order at most: its partial steps perturb the residuals a
 # forecast extrapolates, and order 2 amplifies that (on the deep fixture 22.3 dB against 27.8 at order 1)
