@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--prompt-start", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--sampler", choices=("euler", "unipc"), default="euler")
+    parser.add_argument("--shift", type=float, default=1.0, help="the sampler's sigma shift")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     args = parser.parse_args()
     if args.threads:
@@ -35,11 +37,12 @@ def main() -> None:
     with open(args.options_file) as f:
         option_sets = [json.loads(line) for line in f if line.strip() and not line.lstrip().startswith("#")]
     name = "fixture-deep" if args.fixture == "deep" else "fixture"
-    model, loop, what = _sampler(types.SimpleNamespace(model=name, steps=args.steps, sampler="euler", shift=1.0),
+    model, loop, what = _sampler(types.SimpleNamespace(model=name, steps=args.steps, sampler=args.sampler, shift=args.shift),
                                  args.prompts, args.prompt_start)
     search = _Search(model, lambda fn, seed: loop(seed)(fn), "psnr", args.seeds, "flops", 0.0, progress=False)
     search.reference()
-    print(f"{what}, seeds {args.seeds}, {args.steps} steps: flop_ratio worst_psnr per_seed options", flush=True)
+    print(f"{what}, seeds {args.seeds}, {args.steps} {args.sampler} steps (shift {args.shift:g}): flop_ratio "
+          "worst_psnr per_seed options", flush=True)
     for options in option_sets:
         cand = search.measure({"preset": "lossless", **options}, "given")
         print(f"{cand.flop_ratio:.4f} {cand.worst:6.2f} {[round(v, 2) for v in cand.per_case]} {json.dumps(options)}",
