@@ -37,8 +37,8 @@ def main() -> None:
     with open(args.options_file) as f:
         option_sets = [json.loads(line) for line in f if line.strip() and not line.lstrip().startswith("#")]
     name = "fixture-deep" if args.fixture == "deep" else "fixture"
-    model, loop, what = _sampler(types.SimpleNamespace(model=name, steps=args.steps, sampler=args.sampler, shift=args.shift),
-                                 args.prompts, args.prompt_start)
+    sampling = types.SimpleNamespace(model=name, steps=args.steps, sampler=args.sampler, shift=args.shift)
+    model, loop, what = _sampler(sampling, args.prompts, args.prompt_start)
     search = _Search(model, lambda fn, seed: loop(seed)(fn), "psnr", args.seeds, "flops", 0.0, progress=False)
     search.reference()
     print(f"{what}, seeds {args.seeds}, {args.steps} {args.sampler} steps (shift {args.shift:g}): flop_ratio "
